@@ -1,0 +1,186 @@
+"""Zero-install start of engines: ship the engine code as one zip, start daemons, find them.
+
+Layer: bootstrap. Imports config, errors, _transport.
+
+The bundle is a zipapp of the engine-side modules plus cloudpickle's pure-Python source,
+built byte-for-byte reproducibly so its hash names it. It is uploaded once per host and
+content hash; a warm start is then one SSH command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import logging
+import shlex
+import sys
+import zipfile
+from pathlib import Path
+
+import cloudpickle
+
+from .config import HostSpec
+from .errors import BootstrapError, PythonVersionError
+from ._transport import Transport
+
+log = logging.getLogger("sshpar.bootstrap")
+
+_PKG = Path(__file__).resolve().parent
+#: The modules engines run. They import only the stdlib and cloudpickle (a test checks).
+ENGINE_MODULES = ("errors.py", "_wire.py", "_serialize.py", "_markers.py",
+                  "_engine/__init__.py", "_engine/executor.py", "_engine/daemon.py",
+                  "_engine/launcher.py", "_engine/relay.py", "_engine/ops.py")
+_STUB_INIT = b'"""sshpar, engine side: only the modules engines need."""\n'
+_EPOCH = (2020, 1, 1, 0, 0, 0)
+LAUNCH_TIMEOUT = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Bundle:
+    data: bytes
+    digest: str
+
+    @property
+    def name(self) -> str:
+        return f"sshpar-{self.digest[:20]}.pyz"
+
+
+@functools.lru_cache(maxsize=1)
+def build_bundle() -> Bundle:
+    """The engine zipapp, reproducible: sorted entries, fixed timestamps."""
+    files: dict[str, bytes] = {
+        "__main__.py": (_PKG / "_engine" / "bundle_main.py").read_bytes(),
+        "sshpar/__init__.py": _STUB_INIT,
+    }
+    for rel in ENGINE_MODULES:
+        files[f"sshpar/{rel}"] = (_PKG / rel).read_bytes()
+    cp_dir = Path(cloudpickle.__file__).resolve().parent
+    for path in sorted(cp_dir.glob("*.py")):
+        files[f"cloudpickle/{path.name}"] = path.read_bytes()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name in sorted(files):
+            info = zipfile.ZipInfo(name, date_time=_EPOCH)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o600 << 16
+            zf.writestr(info, files[name])
+    data = buf.getvalue()
+    return Bundle(data, hashlib.sha256(data).hexdigest())
+
+
+@dataclasses.dataclass(frozen=True)
+class StartedEngine:
+    uuid: str
+    pid: int
+    socket: str
+    log: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchReport:
+    engines: tuple[StartedEngine, ...]
+    python: tuple[int, ...]
+    executable: str
+    hostname: str
+    runtime_dir: str
+
+
+def _shell_path(path: str) -> str:
+    """Quote a remote path but let a leading ~ expand on the remote side."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+def _prelude(spec: HostSpec) -> str:
+    lines = ["umask 077"]
+    if spec.setup:
+        lines.append(spec.setup)
+    for name, value in spec.env:
+        lines.append(f"export {name}={shlex.quote(value)}")
+    lines.append(f"W={_shell_path(spec.workdir)}")
+    return "\n".join(lines) + "\n"
+
+
+def python_command(spec: HostSpec, bundle: Bundle, *args: str) -> str:
+    """A shell command running the bundle with ``args`` under the host's Python."""
+    quoted = " ".join(shlex.quote(a) for a in args)
+    return (_prelude(spec) + f'B="$W/bundles/{bundle.name}"\n'
+            f"exec {spec.python} \"$B\" {quoted}")
+
+
+_NEED_BUNDLE = "SSHPAR-NEED-BUNDLE"
+
+
+async def launch(transport: Transport, spec: HostSpec, *, cluster: str, key: bytes,
+                 engines: int | None, timeout: float = LAUNCH_TIMEOUT) -> LaunchReport:
+    """Upload the bundle if this host lacks it, start ``engines`` daemons, return them."""
+    bundle = build_bundle()
+    version = "%d.%d" % sys.version_info[:2]
+    check = (_prelude(spec) + f'B="$W/bundles/{bundle.name}"\n'
+             f'[ -f "$B" ] || {{ echo {_NEED_BUNDLE}; exit 0; }}\n'
+             f"exec {spec.python} \"$B\" launch {version}")
+    request = json.dumps({"key": key.hex(), "cluster": cluster, "engines": engines,
+                          "workdir": spec.workdir, "idle_timeout": spec.idle_timeout})
+    result = await transport.run(check, input=request.encode() + b"\n", timeout=timeout)
+    if result.stdout.startswith(_NEED_BUNDLE.encode()):
+        await upload_bundle(transport, spec, bundle, timeout=timeout)
+        result = await transport.run(check, input=request.encode() + b"\n", timeout=timeout)
+    return _parse_launch(spec, result, bundle, version)
+
+
+async def upload_bundle(transport: Transport, spec: HostSpec, bundle: Bundle, *,
+                        timeout: float) -> None:
+    log.info("%s: uploading engine bundle %s (%d bytes)", spec.label, bundle.name,
+             len(bundle.data))
+    cmd = (_prelude(spec) + 'mkdir -p "$W/bundles" || exit 1\n'
+           f'T="$W/bundles/.{bundle.name}.$$"\n'
+           f'cat > "$T" && mv -f "$T" "$W/bundles/{bundle.name}"')
+    result = await transport.run(cmd, input=bundle.data, timeout=timeout)
+    if result.exit_status != 0:
+        raise BootstrapError(
+            spec.label, f"could not upload the engine bundle to {spec.workdir}/bundles "
+            f"(exit {result.exit_status})", stderr=result.stderr_text,
+            hint=f"check that `workdir:` for {spec.host} is writable",
+            exit_status=result.exit_status)
+
+
+def _parse_launch(spec: HostSpec, result, bundle: Bundle, version: str) -> LaunchReport:  # type: ignore[no-untyped-def]
+    out = result.stdout.decode("utf-8", "replace")
+    for line in out.splitlines():
+        if line.startswith("SSHPAR-READY "):
+            doc = json.loads(line[len("SSHPAR-READY "):])
+            return LaunchReport(
+                engines=tuple(StartedEngine(e["uuid"], e["pid"], e["socket"], e["log"])
+                              for e in doc["engines"]),
+                python=tuple(doc["python"]), executable=doc["executable"],
+                hostname=doc["hostname"], runtime_dir=doc["runtime_dir"])
+        if line.startswith("SSHPAR-ERROR "):
+            doc = json.loads(line[len("SSHPAR-ERROR "):])
+            if doc.get("kind") == "version":
+                raise PythonVersionError(
+                    spec.label,
+                    f"remote {doc['message']} at {doc.get('executable')} differs from this "
+                    f"client's Python {sys.version.split()[0]} (minor versions must match, "
+                    "pickled code is version-specific)",
+                    hint=f"set `python:` for {spec.host} in the hosts file to a Python "
+                         f"{version} interpreter")
+            raise BootstrapError(spec.label, f"engines failed to start: {doc['message']}",
+                                 stderr=doc.get("log", "") or result.stderr_text,
+                                 exit_status=result.exit_status)
+    status = result.exit_status
+    err = result.stderr_text
+    if status == 127 or "not found" in err or "No such file" in err:
+        hint = (f"set `python:` for {spec.host} in the hosts file to an existing interpreter"
+                f" (now {spec.python!r})")
+        if spec.setup:
+            hint += " and check its `setup:` line"
+        raise BootstrapError(spec.label, f"could not run {spec.python!r} (exit {status})",
+                             stderr=err, hint=hint, exit_status=status)
+    raise BootstrapError(spec.label, f"engine launcher failed (exit {status})", stderr=err,
+                         hint="see the remote stderr above", exit_status=status)

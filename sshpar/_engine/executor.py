@@ -1,0 +1,306 @@
+"""Runs one task in the engine's namespace: unpickle, rebind, call, capture, report.
+
+Layer: engine. Shipped to engines; imports only the standard library, cloudpickle and the
+shipped sshpar modules (errors, _serialize, _markers).
+"""
+
+from __future__ import annotations
+
+import io
+import linecache
+import os
+import sys
+import threading
+import time
+import traceback
+import types
+from typing import Any, Callable
+
+from .. import _serialize
+from .._markers import resolve_references
+
+#: Per task and stream, how much output is kept for the result (the live stream is bounded by
+#: the same figure); beyond it the text is cut and marked.
+OUTPUT_LIMIT = 8 << 20
+_TRUNCATED = "\n[sshpar: output truncated at {} bytes]\n"
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Namespace(dict):
+    """The engine's user namespace (a real dict: functions use it as their globals)."""
+
+
+class TaskOutput(io.TextIOBase):
+    """sys.stdout / sys.stderr while a task runs: kept for the result, streamed live."""
+
+    def __init__(self, name: str, on_write: Callable[[], None]) -> None:
+        self.name = name
+        self.parts: list[str] = []
+        self.size = 0
+        self.truncated = False
+        self._on_write = on_write
+        self._lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        with self._lock:
+            if self.truncated:
+                return len(s)
+            room = OUTPUT_LIMIT - self.size
+            if len(s) > room:
+                self.parts.append(s[:room] + _TRUNCATED.format(OUTPUT_LIMIT))
+                self.truncated = True
+            else:
+                self.parts.append(s)
+            self.size += len(s)
+        self._on_write()
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def take(self, start: int) -> tuple[str, int]:
+        """Text written since part ``start``, and the index to start from next time."""
+        with self._lock:
+            end = len(self.parts)
+            return "".join(self.parts[start:end]), end
+
+    def getvalue(self) -> str:
+        with self._lock:
+            return "".join(self.parts)
+
+
+class Task:
+    """One unit of work and, once run, its outcome (plain data plus payload segments)."""
+
+    __slots__ = ("msg_id", "meta", "payload", "owner", "stdout", "stderr", "sent",
+                 "started", "completed", "status", "error", "result", "result_type",
+                 "aborted")
+
+    def __init__(self, msg_id: str, meta: dict, payload: list, owner: Any,
+                 on_output: Callable[["Task"], None]) -> None:
+        self.msg_id = msg_id
+        self.meta = meta
+        self.payload = payload
+        self.owner = owner
+        notify = lambda: on_output(self)  # noqa: E731
+        self.stdout = TaskOutput("stdout", notify)
+        self.stderr = TaskOutput("stderr", notify)
+        self.sent = {"stdout": 0, "stderr": 0}
+        self.started = self.completed = 0.0
+        self.status = "pending"
+        self.error: dict | None = None
+        self.result: list = []
+        self.result_type = ""
+        self.aborted = False
+
+    def result_meta(self) -> dict:
+        return {
+            "msg_id": self.msg_id,
+            "status": self.status,
+            "started": self.started,
+            "completed": self.completed,
+            "stdout": self.stdout.getvalue(),
+            "stderr": self.stderr.getvalue(),
+            "error": self.error,
+            "result_type": self.result_type,
+        }
+
+
+class Executor:
+    """Owns the namespace and runs tasks in the calling (main) thread, one at a time."""
+
+    def __init__(self) -> None:
+        self.namespace = Namespace(__name__="__main__", __builtins__=__builtins__)
+        # names a shipped function brought with it (not set by engine code): refreshed when a
+        # newer function brings them again; anything the engine set itself is left alone.
+        self._brought: dict[str, int] = {}
+        self._counter = 0
+        self.current: Task | None = None
+
+    def run(self, task: Task) -> None:
+        self.current = task
+        task.started = time.time()
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = task.stdout, task.stderr
+        try:
+            f, args, kwargs = _serialize.loads(task.payload)
+            f = self.rebind(f)
+            args = resolve_references(args, self.namespace)
+            kwargs = resolve_references(kwargs, self.namespace)
+            value = f(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - every failure is the task's result
+            if isinstance(exc, SystemExit) and task.meta.get("allow_exit"):
+                raise
+            task.status = "error"
+            task.error = error_record(exc)
+        else:
+            task.status = "ok"
+            try:
+                task.result = _serialize.dumps(value, what="the result")
+                task.result_type = _serialize.describe_type(value)
+            except Exception as exc:
+                task.status = "error"
+                task.error = error_record(exc)
+        finally:
+            sys.stdout, sys.stderr = saved
+            task.payload = []
+            task.completed = time.time()
+            self.current = None
+
+    # -- namespace semantics --------------------------------------------------------------
+    def rebind(self, f: Any) -> Any:
+        """Give functions defined in the client's ``__main__`` the engine namespace as globals.
+
+        cloudpickle sends such functions by value with the globals they use; here they run in
+        the engine's namespace instead (so ``global a`` means the engine's ``a``). Names the
+        engine lacks are filled from what the function brought.
+        """
+        return self._rebind(f, {})
+
+    def _rebind(self, obj: Any, seen: dict[int, Any]) -> Any:
+        if id(obj) in seen:
+            return seen[id(obj)]
+        if isinstance(obj, types.FunctionType):
+            if obj.__module__ == "__main__" and obj.__globals__ is not self.namespace:
+                return self._rebind_function(obj, seen)
+            seen[id(obj)] = obj
+            for cell in obj.__closure__ or ():
+                try:
+                    value = cell.cell_contents
+                except ValueError:
+                    continue
+                new = self._rebind(value, seen)
+                if new is not value:
+                    cell.cell_contents = new
+            return obj
+        if isinstance(obj, (types.MethodType, )):
+            return obj
+        return obj
+
+    def _rebind_function(self, f: types.FunctionType, seen: dict[int, Any]) -> Any:
+        ns = self.namespace
+        new = types.FunctionType(f.__code__, ns, f.__name__, f.__defaults__, f.__closure__)
+        seen[id(f)] = new
+        new.__kwdefaults__ = f.__kwdefaults__
+        new.__qualname__ = f.__qualname__
+        new.__doc__ = f.__doc__
+        new.__dict__.update(f.__dict__)
+        new.__annotations__ = f.__annotations__
+        brought = f.__globals__
+        for name in _global_names(f.__code__):
+            if name not in brought:
+                continue
+            value = self._rebind(brought[name], seen)
+            current = ns.get(name, _MISSING)
+            if current is _MISSING or self._brought.get(name) == id(current):
+                ns[name] = value
+                self._brought[name] = id(value)
+        for cell in f.__closure__ or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:
+                continue
+            replaced = self._rebind(value, seen)
+            if replaced is not value:
+                cell.cell_contents = replaced
+        return new
+
+    def compile_source(self, source: str, filename: str | None = None) -> types.CodeType:
+        """Compile code for execute()/run(), registering its text so tracebacks show it."""
+        if filename is None:
+            self._counter += 1
+            filename = f"<execute-{self._counter}>"
+        lines = source.splitlines(keepends=True)
+        linecache.cache[filename] = (len(source), None, lines, filename)
+        return compile(source, filename, "exec")
+
+
+_MISSING = object()
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+# -- errors -----------------------------------------------------------------------------------
+_CONTEXT = 3
+_MAX_FRAMES = 100
+
+
+def _user_tb(tb: types.TracebackType | None) -> types.TracebackType | None:
+    # Drop the engine's own leading frames (this module): the user sees their code first.
+    while tb is not None and os.path.dirname(tb.tb_frame.f_code.co_filename) == _HERE:
+        tb = tb.tb_next
+    return tb
+
+
+def _frames(tb: types.TracebackType | None) -> list[dict]:
+    frames = []
+    for fs in traceback.extract_tb(tb, limit=_MAX_FRAMES):
+        lineno = fs.lineno or 0
+        start = max(1, lineno - _CONTEXT)
+        lines = [linecache.getline(fs.filename, n) for n in range(start, lineno + _CONTEXT + 1)]
+        while lines and not lines[-1]:
+            lines.pop()
+        frames.append({
+            "filename": fs.filename,
+            "lineno": lineno,
+            "name": fs.name,
+            "line": fs.line or "",
+            "start": start,
+            "lines": [ln.rstrip("\n") for ln in lines],
+        })
+    return frames
+
+
+def _one(exc: BaseException, tb: types.TracebackType | None) -> dict:
+    cls = type(exc)
+    try:
+        evalue = str(exc)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not hide the error
+        evalue = f"<unprintable {cls.__name__}>"
+    return {
+        "ename": cls.__name__,
+        "etype": f"{cls.__module__}.{cls.__qualname__}",
+        "evalue": evalue,
+        "frames": _frames(tb),
+        "text": "".join(traceback.format_exception(cls, exc, tb, chain=False)),
+    }
+
+
+def error_record(exc: BaseException) -> dict:
+    """Describe an exception in plain data: the error, its frames, and its cause chain."""
+    tb = _user_tb(exc.__traceback__)
+    record = _one(exc, tb)
+    chain = []
+    seen = {id(exc)}
+    cur: BaseException | None = exc
+    while cur is not None and len(chain) < 10:
+        nxt = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
+        if nxt is None or id(nxt) in seen:
+            break
+        seen.add(id(nxt))
+        link = _one(nxt, _user_tb(nxt.__traceback__))
+        link["explicit"] = cur.__cause__ is nxt
+        chain.append(link)
+        cur = nxt
+    record["chain"] = chain
+    try:
+        full = traceback.TracebackException(type(exc), exc, tb)
+        record["traceback"] = "".join(full.format())
+    except Exception:  # noqa: BLE001
+        record["traceback"] = record["text"]
+    return record

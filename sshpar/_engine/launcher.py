@@ -1,0 +1,145 @@
+"""Starts engine daemons on this host and reports them: run once per host by the client.
+
+Layer: engine. Shipped to engines; stdlib only.
+
+Protocol with the client (over the SSH exec channel): argv carries nothing secret; stdin
+carries one JSON line (cluster key, engine count, settings); stdout gets one line
+``SSHPAR-READY <json>`` once every engine has bound its socket, or ``SSHPAR-ERROR <json>``.
+Engines detach into their own session with stdio on log files, so they outlive this SSH
+session and nothing they print can block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+READY_TIMEOUT = 30.0
+_SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
+
+
+def fail(kind: str, message: str, **extra: Any) -> None:
+    sys.stdout.write("SSHPAR-ERROR " + json.dumps({"kind": kind, "message": message, **extra})
+                     + "\n")
+    sys.stdout.flush()
+    sys.exit(3)
+
+
+def private_dir(path: str) -> str:
+    """Create ``path`` as a 0700 directory we own, or refuse one someone else could use."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if st.st_uid != os.getuid():
+        fail("runtime", f"{path} is owned by uid {st.st_uid}, not us ({os.getuid()})")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def runtime_dir(workdir: str, cluster: str) -> str:
+    path = os.path.join(workdir, "run", cluster)
+    if len(path) + 22 > _SOCKET_PATH_MAX:
+        base = private_dir(os.path.join("/tmp", f"sshpar-{os.getuid()}"))
+        path = os.path.join(base, cluster[:24])
+    else:
+        private_dir(os.path.join(workdir, "run"))
+    return private_dir(path)
+
+
+def main(argv: list[str]) -> None:
+    os.umask(0o077)
+    conf = json.loads(sys.stdin.readline())
+    workdir = os.path.abspath(os.path.expanduser(conf["workdir"]))
+    private_dir(workdir)
+    run_dir = runtime_dir(workdir, conf["cluster"])
+    log_dir = private_dir(os.path.join(workdir, "logs"))
+    count = conf.get("engines") or _cpus()
+    bundle = os.path.abspath(sys.argv[0])
+    started = []
+    for _ in range(int(count)):
+        started.append(spawn(conf, bundle, run_dir, log_dir))
+    engines = [wait_ready(*s) for s in started]
+    sys.stdout.write("SSHPAR-READY " + json.dumps({
+        "engines": engines,
+        "python": list(sys.version_info[:3]),
+        "executable": sys.executable,
+        "hostname": socket.gethostname(),
+        "cpus": os.cpu_count(),
+        "runtime_dir": run_dir,
+    }) + "\n")
+    sys.stdout.flush()
+
+
+def spawn(conf: dict, bundle: str, run_dir: str, log_dir: str) -> tuple:
+    engine_uuid = uuid.uuid4().hex[:16]
+    sock = os.path.join(run_dir, f"{engine_uuid}.sock")
+    log_path = os.path.join(log_dir, f"engine-{engine_uuid}.log")
+    r, w = os.pipe()
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, bundle, "engine"],
+            stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT,
+            pass_fds=(w,), start_new_session=True, close_fds=True,
+        )
+    os.close(w)
+    engine_conf = {
+        "uuid": engine_uuid,
+        "socket": sock,
+        "key": conf["key"],
+        "cluster": conf["cluster"],
+        "idle_timeout": conf.get("idle_timeout", 3600),
+        "ready_fd": w,
+        "log": log_path,
+    }
+    assert proc.stdin is not None
+    proc.stdin.write((json.dumps(engine_conf) + "\n").encode())
+    proc.stdin.close()
+    return proc, r, engine_uuid, sock, log_path
+
+
+def wait_ready(proc: subprocess.Popen, r: int, engine_uuid: str, sock: str,
+               log_path: str) -> dict:
+    deadline = time.monotonic() + READY_TIMEOUT
+    data = b""
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            proc.kill()
+            fail("timeout", f"engine {engine_uuid} did not report ready within "
+                 f"{READY_TIMEOUT:.0f} s", log=_tail(log_path))
+        ready, _, _ = select.select([r], [], [], left)
+        if ready:
+            chunk = os.read(r, 4096)
+            if not chunk:
+                proc.wait(5)
+                fail("engine", f"engine exited during start (exit {proc.returncode})",
+                     log=_tail(log_path))
+            data += chunk
+    os.close(r)
+    info = json.loads(data)
+    return {"uuid": engine_uuid, "pid": proc.pid, "socket": sock, "log": log_path,
+            "started": info.get("started")}
+
+
+def _cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _tail(path: str, limit: int = 4000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""

@@ -1,0 +1,99 @@
+"""The transport seam: what sshpar needs from a way of reaching a host.
+
+Layer: transport. Imports config and errors; SSH libraries appear only in the backends.
+
+A transport connects once per host and then runs commands (with stdin), and opens byte
+streams either to a Unix socket on the host or to a command's stdio. Backends: ``asyncssh``
+(default), ``local`` (subprocesses on this machine, no SSH); ``paramiko`` fits the same seam.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Protocol
+
+from ..config import HostSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandResult:
+    """What a remote command did: exit status (None if killed by a signal) and its output."""
+
+    exit_status: int | None
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def stderr_text(self) -> str:
+        return self.stderr.decode("utf-8", "replace")
+
+
+class StreamReader(Protocol):
+    async def readexactly(self, n: int) -> bytes: ...
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+class StreamWriter(Protocol):
+    def write(self, data: Any) -> None: ...
+    def writelines(self, data: Any) -> None: ...
+    async def drain(self) -> None: ...
+    def close(self) -> None: ...
+    def is_closing(self) -> bool: ...
+
+
+class ForwardingRefused(Exception):
+    """The host will not forward to Unix sockets; fall back to a relay command."""
+
+
+class Transport(abc.ABC):
+    """One connection to one host."""
+
+    #: Whether streams to Unix sockets are possible at all (else relay over exec).
+    supports_unix_streams = True
+
+    def __init__(self, spec: HostSpec) -> None:
+        self.spec = spec
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Connect and authenticate. Raises a HostError subclass naming the host."""
+
+    @abc.abstractmethod
+    async def run(self, command: str, *, input: bytes = b"", timeout: float) -> CommandResult:
+        """Run a shell command on the host, feeding it ``input``; wait at most ``timeout``."""
+
+    @abc.abstractmethod
+    async def open_unix(self, path: str) -> tuple[StreamReader, StreamWriter]:
+        """A byte stream to the Unix socket ``path`` on the host (raise ForwardingRefused)."""
+
+    @abc.abstractmethod
+    async def open_exec(self, command: str) -> tuple[StreamReader, StreamWriter]:
+        """A byte stream to the stdin/stdout of ``command`` run on the host."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close the connection. Idempotent."""
+
+    @property
+    @abc.abstractmethod
+    def is_connected(self) -> bool:
+        """Whether the connection is up."""
+
+
+def make_transport(spec: HostSpec) -> Transport:
+    if spec.transport == "local":
+        from .local import LocalTransport
+
+        return LocalTransport(spec)
+    if spec.backend == "paramiko":
+        from .paramiko_backend import ParamikoTransport
+
+        return ParamikoTransport(spec)
+    from .asyncssh_backend import AsyncsshTransport
+
+    return AsyncsshTransport(spec)

@@ -1,0 +1,285 @@
+"""Frames on the wire: a signed, sequenced envelope around pickle-5 segments.
+
+Layer: bottom. Shipped to engines, so it imports only the standard library and sshpar.errors.
+
+A connection starts with a handshake that proves both ends hold the cluster key and derives
+one key per direction from two fresh nonces, so a frame captured on one connection is useless
+on any other. After it, every frame is::
+
+    header   !4sBBHQI   magic b"SPAR", version, kind, flags, seq, number of segments
+    lengths  !Q * n     length of each segment
+    mac      32 bytes   HMAC-SHA256(direction key, header + lengths + segments)
+    segments            segment 0: the envelope ("meta", plain data); then the payload
+
+``seq`` counts frames per direction from 0; a frame out of sequence is a replay and refused.
+Nothing in a frame is unpickled before its MAC verifies, and the envelope is unpickled by a
+loader that refuses every class, so reading it never runs code.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import io
+import os
+import pickle
+import struct
+from typing import Any, Iterable, Protocol, Sequence
+
+from .errors import ProtocolError
+
+MAGIC = b"SPAR"
+VERSION = 1
+HEADER = struct.Struct("!4sBBHQI")
+MAC_SIZE = 32
+NONCE_SIZE = 32
+HELLO = struct.Struct("!4sB32s")  # magic, version, nonce
+
+#: Default ceiling on one frame's total size; larger frames are refused before being read.
+MAX_FRAME_BYTES = 2 << 30
+MAX_SEGMENTS = 4096
+#: Segments at least this large are read into a writable buffer in chunks (flat memory).
+_CHUNK = 1 << 20
+
+
+class Kind(enum.IntEnum):
+    """What a frame carries."""
+
+    TASK = 1        # client -> engine: run this (meta: msg_id, op; payload: pickled call)
+    RESULT = 2      # engine -> client: a task finished (meta: status, times, output)
+    OUTPUT = 3      # engine -> client: live stdout/stderr of a running task
+    CONTROL = 4     # client -> engine: handled at once by the engine's IO thread
+    REPLY = 5       # engine -> client: the answer to a CONTROL frame
+
+
+class Reader(Protocol):
+    async def readexactly(self, n: int) -> bytes: ...
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+class Writer(Protocol):
+    def write(self, data: Any) -> None: ...
+    def writelines(self, data: Iterable[Any]) -> None: ...
+    async def drain(self) -> None: ...
+
+
+class _DataOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        raise ProtocolError(f"frame envelope refers to {module}.{name}; only plain data allowed")
+
+
+def dumps_meta(meta: dict) -> bytes:
+    return pickle.dumps(meta, protocol=5)
+
+
+def loads_meta(data: bytes | memoryview) -> dict:
+    try:
+        meta = _DataOnly(io.BytesIO(data)).load()
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"unreadable frame envelope: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ProtocolError("frame envelope is not a mapping")
+    return meta
+
+
+class Frame:
+    """One received frame: its kind, envelope and payload segments."""
+
+    __slots__ = ("kind", "meta", "payload")
+
+    def __init__(self, kind: Kind, meta: dict, payload: list) -> None:
+        self.kind = kind
+        self.meta = meta
+        self.payload = payload
+
+    def __repr__(self) -> str:
+        return f"<Frame {self.kind.name} {self.meta.get('op') or self.meta.get('msg_id')}>"
+
+
+def _derive(key: bytes, label: bytes, nonce_s: bytes, nonce_c: bytes) -> bytes:
+    return hmac.new(key, label + nonce_s + nonce_c, hashlib.sha256).digest()
+
+
+class Codec:
+    """Encodes and checks frames for one connection, one direction key each way."""
+
+    def __init__(self, send_key: bytes, recv_key: bytes, *,
+                 max_frame: int = MAX_FRAME_BYTES) -> None:
+        self._send_key = send_key
+        self._recv_key = recv_key
+        self._send_seq = 0
+        self._recv_seq = 0
+        self.max_frame = max_frame
+
+    # -- sending --------------------------------------------------------------------------
+    def encode(self, kind: Kind, meta: dict, payload: Sequence[Any] = ()) -> list:
+        """Return the frame as a list of buffers ready for ``writelines`` (no copies)."""
+        segments = [dumps_meta(meta), *payload]
+        views = [s if isinstance(s, (bytes, bytearray)) else memoryview(s).cast("B")
+                 for s in segments]
+        lengths = [len(v) if isinstance(v, (bytes, bytearray)) else v.nbytes for v in views]
+        head = HEADER.pack(MAGIC, VERSION, int(kind), 0, self._send_seq, len(views))
+        lens = struct.pack(f"!{len(lengths)}Q", *lengths)
+        self._send_seq += 1
+        mac = hmac.new(self._send_key, head, hashlib.sha256)
+        mac.update(lens)
+        for v in views:
+            mac.update(v)
+        return [head + lens + mac.digest(), *views]
+
+    # -- receiving ------------------------------------------------------------------------
+    async def read(self, reader: Reader) -> Frame:
+        """Read, check and return one frame. Raises ProtocolError on anything not genuine,
+        and EOFError (asyncio.IncompleteReadError) when the stream ends between frames."""
+        head = await reader.readexactly(HEADER.size)
+        magic, version, kind, _flags, seq, nseg = HEADER.unpack(head)
+        if magic != MAGIC:
+            raise ProtocolError(f"bad frame magic {magic!r}: not an sshpar peer, or corrupted")
+        if version != VERSION:
+            raise ProtocolError(f"frame version {version}, expected {VERSION}")
+        if not 1 <= nseg <= MAX_SEGMENTS:
+            raise ProtocolError(f"frame claims {nseg} segments (limit {MAX_SEGMENTS})")
+        lens_raw = await reader.readexactly(8 * nseg)
+        lengths = struct.unpack(f"!{nseg}Q", lens_raw)
+        total = sum(lengths)
+        if total > self.max_frame:
+            raise ProtocolError(f"frame of {total} bytes exceeds the limit of {self.max_frame}")
+        mac_given = await reader.readexactly(MAC_SIZE)
+        mac = hmac.new(self._recv_key, head, hashlib.sha256)
+        mac.update(lens_raw)
+        segments = []
+        for n in lengths:
+            seg = await _read_segment(reader, n)
+            mac.update(seg)
+            segments.append(seg)
+        if not hmac.compare_digest(mac.digest(), mac_given):
+            raise ProtocolError("frame signature does not verify (wrong key or tampered frame)")
+        if seq != self._recv_seq:
+            raise ProtocolError(f"frame out of sequence ({seq}, expected {self._recv_seq}): "
+                                "replayed or dropped")
+        self._recv_seq += 1
+        try:
+            k = Kind(kind)
+        except ValueError:
+            raise ProtocolError(f"unknown frame kind {kind}") from None
+        return Frame(k, loads_meta(segments[0]), segments[1:])
+
+
+async def _read_segment(reader: Reader, n: int) -> bytes | bytearray:
+    if n < _CHUNK:
+        return await reader.readexactly(n) if n else b""
+    # Large segments (array buffers) land in one writable buffer, filled in chunks, so the
+    # receiver holds the data once and numpy arrays rebuilt on it are writable.
+    buf = bytearray(n)
+    view = memoryview(buf)
+    filled = 0
+    while filled < n:
+        chunk = await reader.read(min(n - filled, 4 * _CHUNK))
+        if not chunk:
+            raise EOFError(f"stream ended {n - filled} bytes into a {n}-byte segment")
+        view[filled:filled + len(chunk)] = chunk
+        filled += len(chunk)
+    return buf
+
+
+# -- handshake --------------------------------------------------------------------------------
+# server -> client : HELLO(magic, version, nonce_s)
+# client -> server : nonce_c + HMAC(key, "client" + nonce_s + nonce_c)
+# server -> client : HMAC(key, "server" + nonce_s + nonce_c)
+# Each side then signs with HMAC(key, "c2s"/"s2c" + nonces): distinct per direction and per
+# connection. The engine also sends a small JSON-free status blob after proving itself.
+
+def _handshake_keys(key: bytes, nonce_s: bytes, nonce_c: bytes) -> tuple[bytes, bytes]:
+    return _derive(key, b"c2s", nonce_s, nonce_c), _derive(key, b"s2c", nonce_s, nonce_c)
+
+
+async def server_handshake(reader: Reader, writer: Writer, key: bytes,
+                           max_frame: int = MAX_FRAME_BYTES) -> Codec:
+    """Engine side: prove the peer holds the key. Returns the connection's codec."""
+    nonce_s = os.urandom(NONCE_SIZE)
+    writer.write(HELLO.pack(MAGIC, VERSION, nonce_s))
+    await writer.drain()
+    answer = await reader.readexactly(NONCE_SIZE + MAC_SIZE)
+    nonce_c, proof = answer[:NONCE_SIZE], answer[NONCE_SIZE:]
+    if not hmac.compare_digest(proof, _derive(key, b"client", nonce_s, nonce_c)):
+        raise ProtocolError("client did not prove the cluster key")
+    writer.write(_derive(key, b"server", nonce_s, nonce_c))
+    await writer.drain()
+    c2s, s2c = _handshake_keys(key, nonce_s, nonce_c)
+    return Codec(send_key=s2c, recv_key=c2s, max_frame=max_frame)
+
+
+async def client_handshake(reader: Reader, writer: Writer, key: bytes,
+                           max_frame: int = MAX_FRAME_BYTES) -> Codec:
+    """Client side of :func:`server_handshake`."""
+    hello = await reader.readexactly(HELLO.size)
+    magic, version, nonce_s = HELLO.unpack(hello)
+    if magic != MAGIC:
+        raise ProtocolError(f"the socket did not answer as an sshpar engine ({hello[:8]!r})")
+    if version != VERSION:
+        raise ProtocolError(f"engine speaks protocol {version}, this client {VERSION}")
+    nonce_c = os.urandom(NONCE_SIZE)
+    writer.write(nonce_c + _derive(key, b"client", nonce_s, nonce_c))
+    await writer.drain()
+    proof = await reader.readexactly(MAC_SIZE)
+    if not hmac.compare_digest(proof, _derive(key, b"server", nonce_s, nonce_c)):
+        raise ProtocolError("engine did not prove the cluster key")
+    c2s, s2c = _handshake_keys(key, nonce_s, nonce_c)
+    return Codec(send_key=c2s, recv_key=s2c, max_frame=max_frame)
+
+
+class FrameSender:
+    """Writes frames to one stream in order, without copying large buffers twice.
+
+    Small frames are written at once when nothing is queued; large ones, and anything behind
+    them, go through a pump task that writes in chunks and waits for the stream to drain, so
+    a 1 GiB array never sits in a transport buffer whole. Must be used from the loop thread.
+    """
+
+    _DIRECT_LIMIT = 256 * 1024
+
+    def __init__(self, codec: Codec, writer: Writer) -> None:
+        import asyncio
+        import collections
+
+        self._asyncio = asyncio
+        self.codec = codec
+        self.writer = writer
+        self._queue: collections.deque[list] = collections.deque()
+        self._pump: Any = None
+        self.error: BaseException | None = None
+
+    def send(self, kind: Kind, meta: dict, payload: Sequence[Any] = ()) -> None:
+        if self.error is not None:
+            raise self.error
+        bufs = self.codec.encode(kind, meta, payload)
+        size = sum(len(b) if isinstance(b, (bytes, bytearray)) else b.nbytes for b in bufs)
+        if self._pump is None and size <= self._DIRECT_LIMIT:
+            self.writer.writelines(bufs)
+            return
+        self._queue.append(bufs)
+        if self._pump is None:
+            self._pump = self._asyncio.ensure_future(self._run_pump())
+
+    async def _run_pump(self) -> None:
+        try:
+            while self._queue:
+                for buf in self._queue.popleft():
+                    view = memoryview(buf).cast("B")
+                    for start in range(0, len(view), _CHUNK):
+                        self.writer.write(view[start:start + _CHUNK])
+                        await self.writer.drain()
+        except Exception as exc:  # the stream broke; the reader side reports it
+            self.error = exc
+            self._queue.clear()
+        finally:
+            self._pump = None
+
+    async def flush(self) -> None:
+        """Wait until everything queued has been handed to the stream."""
+        while self._pump is not None:
+            await self._asyncio.shield(self._pump)
+        await self.writer.drain()

@@ -1,0 +1,292 @@
+"""AsyncResult: the handle on work submitted to one or more engines.
+
+Layer: API. Imports errors and _serialize; the session layer fills its records in.
+
+An AsyncResult is a ``concurrent.futures.Future`` (and awaitable). The IO thread only marks
+records finished; unpickling happens in the thread that asks for the value, so a large result
+never stalls other engines' traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime
+import threading
+from typing import Any, Callable, Generator, Sequence
+
+from . import _serialize
+from .errors import (
+    CompositeError,
+    EngineInfo,
+    RemoteError,
+    SerializationError,
+    SshparError,
+    TaskAborted,
+    TimeoutError,
+)
+
+_UTC = datetime.timezone.utc
+
+
+def _dt(t: float | None) -> datetime.datetime | None:
+    return None if t is None else datetime.datetime.fromtimestamp(t, _UTC)
+
+
+class TaskRecord:
+    """One task on one engine, as the client tracks it (filled in by the IO thread)."""
+
+    __slots__ = ("msg_id", "engine", "submitted", "received", "started", "completed",
+                 "status", "stdout", "stderr", "error_record", "payload", "failure",
+                 "result_type", "owner", "on_output", "__weakref__")
+
+    def __init__(self, msg_id: str, engine: EngineInfo, submitted: float) -> None:
+        self.msg_id = msg_id
+        self.engine = engine
+        self.submitted = submitted
+        self.received: float | None = None
+        self.started: float | None = None
+        self.completed: float | None = None
+        self.status = "pending"
+        self.stdout = ""
+        self.stderr = ""
+        self.error_record: dict | None = None
+        self.payload: list = []
+        self.failure: BaseException | None = None   # a local error: engine lost, aborted
+        self.result_type = ""
+        self.owner: AsyncResult | None = None
+        self.on_output: Callable[[TaskRecord, str, str], None] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status != "pending"
+
+    # -- called in the IO thread ------------------------------------------------------------
+    def add_output(self, name: str, text: str) -> None:
+        if name == "stdout":
+            self.stdout += text
+        else:
+            self.stderr += text
+        if self.on_output is not None:
+            self.on_output(self, name, text)
+
+    def finish(self, meta: dict, payload: list, received: float, clock_offset: float) -> None:
+        # Engine clocks differ from ours: shift by the offset measured at connect, then clamp
+        # so that submitted <= started <= completed <= received always holds.
+        self.received = max(received, self.submitted)
+        started = min(max(meta["started"] - clock_offset, self.submitted), self.received)
+        completed = min(max(meta["completed"] - clock_offset, started), self.received)
+        self.started, self.completed = started, completed
+        self.stdout = meta.get("stdout", "")
+        self.stderr = meta.get("stderr", "")
+        self.error_record = meta.get("error")
+        self.result_type = meta.get("result_type", "")
+        self.payload = payload
+        self.status = meta["status"]
+        self._notify()
+
+    def fail(self, exc: BaseException, when: float) -> None:
+        if self.done:
+            return
+        self.failure = exc
+        self.received = max(when, self.submitted)
+        self.status = "aborted" if isinstance(exc, TaskAborted) else "error"
+        self._notify()
+
+    def _notify(self) -> None:
+        if self.owner is not None:
+            self.owner._record_done()
+
+    # -- read in the user's thread ----------------------------------------------------------
+    def outcome(self) -> tuple[bool, Any]:
+        """(True, value) or (False, exception)."""
+        if self.failure is not None:
+            return False, self.failure
+        if self.status != "ok":
+            return False, RemoteError.from_record(self.error_record or {}, self.engine)
+        try:
+            value = _serialize.loads(self.payload)
+        except Exception as exc:
+            err = SerializationError(
+                f"the result ({self.result_type or 'unknown type'}) from {self.engine} could "
+                f"not be unpickled here: {type(exc).__name__}: {exc} — is the module that "
+                "defines it importable on the client?")
+            return False, err
+        self.payload = []
+        return True, value
+
+    def metadata(self) -> dict:
+        return {
+            "after": [],
+            "completed": _dt(self.completed),
+            "engine_id": self.engine.engine_id,
+            "engine_uuid": self.engine.uuid,
+            "error": self.failure,
+            "follow": [],
+            "msg_id": self.msg_id,
+            "received": _dt(self.received),
+            "started": _dt(self.started),
+            "status": self.status,
+            "stderr": self.stderr,
+            "stdout": self.stdout,
+            "submitted": _dt(self.submitted),
+        }
+
+
+_UNSET = object()
+
+
+class AsyncResult(concurrent.futures.Future):
+    """The result of work on one engine (a value) or several (a list in target order).
+
+    >>> ar = view.apply_async(pow, 2, 10)
+    >>> ar.get(timeout=5)
+    1024
+    """
+
+    def __init__(self, records: Sequence[TaskRecord], *, single: bool, fname: str = "",
+                 postprocess: Callable[[Any], Any] | None = None) -> None:
+        super().__init__()
+        self._records = list(records)
+        self._single = single
+        self._fname = fname
+        self._postprocess = postprocess
+        self._remaining = len(self._records)
+        self._lock = threading.Lock()
+        self._outcome: Any = _UNSET
+        for rec in self._records:
+            rec.owner = self
+        if not self._records:
+            super().set_result(None)
+        else:
+            for rec in self._records:
+                if rec.done:
+                    self._record_done()
+
+    def _record_done(self) -> None:
+        with self._lock:
+            self._remaining -= 1
+            last = self._remaining == 0
+        if last:
+            super().set_result(None)
+
+    # -- the ipyparallel / multiprocessing API ---------------------------------------------
+    def ready(self) -> bool:
+        """Whether every engine has answered."""
+        return self.done()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until ready or ``timeout`` seconds pass; return whether it is ready."""
+        done, _ = concurrent.futures.wait([self], timeout)
+        return bool(done)
+
+    def successful(self) -> bool:
+        """Whether it finished without error. Raises ValueError while not ready."""
+        if not self.done():
+            raise ValueError(f"{self!r} is not ready yet")
+        return all(rec.status == "ok" for rec in self._records)
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The result: a value for one engine, a list in target order for several.
+
+        Args:
+            timeout: seconds to wait; None waits until done.
+
+        Raises:
+            TimeoutError: not ready within ``timeout`` (the task keeps running).
+            RemoteError: it raised on its engine (CompositeError for several engines).
+            EngineError: its engine was lost.
+        """
+        if not self.wait(timeout):
+            raise TimeoutError(f"Result not ready after {timeout:g} s." if timeout else
+                               "Result not ready.")
+        ok, value = self._resolve()
+        if not ok:
+            raise value
+        return value
+
+    def _resolve(self) -> tuple[bool, Any]:
+        with self._lock:
+            if self._outcome is not _UNSET:
+                return self._outcome
+        values, errors = [], []
+        for rec in self._records:
+            ok, v = rec.outcome()
+            (values if ok else errors).append(v)
+        if errors:
+            if self._single:
+                outcome: tuple[bool, Any] = (False, errors[0])
+            else:
+                remote = [e if isinstance(e, RemoteError) else _as_remote(e) for e in errors]
+                outcome = (False, CompositeError(
+                    f"one or more exceptions raised in {self._fname or 'the call'} on "
+                    f"{len(errors)} of {len(self._records)} engine(s)", remote))
+        else:
+            value: Any = values[0] if self._single else values
+            if self._postprocess is not None:
+                value = self._postprocess(value)
+            outcome = (True, value)
+        with self._lock:
+            if self._outcome is _UNSET:
+                self._outcome = outcome
+            return self._outcome
+
+    # -- concurrent.futures.Future ----------------------------------------------------------
+    def result(self, timeout: float | None = None) -> Any:
+        return self.get(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if not self.wait(timeout):
+            raise TimeoutError("Result not ready.")
+        ok, value = self._resolve()
+        return None if ok else value
+
+    def cancel(self) -> bool:
+        # Work already sent cannot be recalled silently; abort() is the explicit way.
+        return False
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        yield from asyncio.wrap_future(self).__await__()
+        return self.get(0)
+
+    # -- what ran where ---------------------------------------------------------------------
+    @property
+    def msg_ids(self) -> list[str]:
+        return [rec.msg_id for rec in self._records]
+
+    @property
+    def engine_id(self) -> int | list[int]:
+        ids = [rec.engine.engine_id for rec in self._records]
+        return ids[0] if self._single else ids
+
+    @property
+    def metadata(self) -> dict | list[dict]:
+        md = [rec.metadata() for rec in self._records]
+        return md[0] if self._single else md
+
+    @property
+    def stdout(self) -> str | list[str]:
+        out = [rec.stdout for rec in self._records]
+        return out[0] if self._single else out
+
+    @property
+    def stderr(self) -> str | list[str]:
+        err = [rec.stderr for rec in self._records]
+        return err[0] if self._single else err
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __repr__(self) -> str:
+        state = "finished" if self.done() else "pending"
+        name = f"({self._fname})" if self._fname else ""
+        return f"<AsyncResult{name}: {state}>"
+
+
+def _as_remote(exc: BaseException) -> RemoteError:
+    info = getattr(exc, "engine_info", None)
+    err = RemoteError(type(exc).__name__, str(exc), f"{type(exc).__name__}: {exc}", info)
+    err.__cause__ = exc
+    if isinstance(exc, SshparError):
+        err.local = exc  # type: ignore[attr-defined]
+    return err

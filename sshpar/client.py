@@ -1,0 +1,188 @@
+"""Client: start or reach a cluster of engines and hand out views on them.
+
+Layer: API (top). A synchronous facade over the asyncio core in ``_session``, which runs in
+one background loop thread per client.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+import weakref
+from typing import Any, Sequence
+
+from ._loop import LoopThread
+from ._session import Cluster, EngineChannel, new_key
+from .asyncresult import AsyncResult, TaskRecord
+from .config import ClusterSpec, load_hosts
+from .errors import NoEnginesError
+from .view import DirectView, Targets
+
+log = logging.getLogger("sshpar.client")
+
+DEFAULT_START_TIMEOUT = 120.0
+
+
+class Client:
+    """A connection to a cluster of engines.
+
+    Args:
+        url_file: a cluster file written by ``sshpar start`` (not yet supported here).
+        hosts: a hosts file (path) or a :class:`~sshpar.config.ClusterSpec`; its engines are
+            started over SSH (or locally, for ``transport: local``).
+        cluster: name of a running cluster (``profile=`` is an alias).
+        timeout: seconds allowed for connecting and starting every host.
+        allow_partial: start what can be started and report the rest in
+            ``start_errors`` instead of failing.
+
+    >>> rc = Client(hosts="hosts.yaml")
+    >>> rc.ids
+    [0, 1, 2, 3]
+    """
+
+    def __init__(self, url_file: str | os.PathLike | None = None, *,
+                 hosts: str | os.PathLike | ClusterSpec | None = None,
+                 cluster: str | None = None, profile: str | None = None,
+                 timeout: float = DEFAULT_START_TIMEOUT, allow_partial: bool = False) -> None:
+        if hosts is None:
+            raise NoEnginesError(
+                "no cluster given: use Client(hosts='hosts.yaml') to start engines from a "
+                "hosts file (see hosts.example.yaml)")
+        spec = hosts if isinstance(hosts, ClusterSpec) else load_hosts(hosts)
+        self.spec = spec
+        self._closed = False
+        self._lock = threading.Lock()
+        self._results: weakref.WeakSet[AsyncResult] = weakref.WeakSet()
+        self._io = LoopThread()
+        self._cluster = Cluster(spec, new_key())
+        try:
+            self._io.run(self._cluster.start(timeout=timeout, allow_partial=allow_partial),
+                         timeout + 10, what=f"starting cluster {spec.name!r}")
+        except BaseException:
+            self._io.stop()
+            self._closed = True
+            raise
+        self.start_errors: dict[str, BaseException] = getattr(
+            self._cluster, "start_errors", {})
+
+    # -- engines ----------------------------------------------------------------------------
+    @property
+    def ids(self) -> list[int]:
+        """Ids of the engines that are up, in order."""
+        return [i for i, ch in sorted(self._cluster.engines.items()) if ch.state == "running"]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, key: Targets) -> DirectView:
+        """``rc[0]`` (one engine), ``rc[:]``, ``rc[1:3]``, ``rc[[0, 2]]`` (several)."""
+        self._resolve_targets(key)
+        return DirectView(self, key)
+
+    def direct_view(self, targets: Targets = "all") -> DirectView:
+        return DirectView(self, targets)
+
+    def _resolve_targets(self, targets: Targets) -> tuple[list[int], bool]:
+        ids = self.ids
+        if isinstance(targets, bool):
+            raise TypeError(f"targets must be an engine id, a list, a slice or 'all', "
+                            f"not {targets!r}")
+        if isinstance(targets, int):
+            if targets < 0:
+                targets = ids[targets] if -len(ids) <= targets else targets
+            self._check_ids([targets])
+            return [targets], True
+        if targets is None or targets == "all":
+            if not ids:
+                raise NoEnginesError(self._no_engines())
+            return ids, False
+        if isinstance(targets, slice):
+            chosen = ids[targets]
+            if not chosen:
+                raise NoEnginesError(f"slice {targets} selects no engines; engines: {ids}")
+            return chosen, False
+        if isinstance(targets, str):
+            raise TypeError(f"targets must be an engine id, a list, a slice or 'all', "
+                            f"not {targets!r}")
+        chosen = [int(t) for t in targets]
+        self._check_ids(chosen)
+        return chosen, False
+
+    def _check_ids(self, chosen: Sequence[int]) -> None:
+        engines = self._cluster.engines
+        for t in chosen:
+            if t not in engines:
+                raise IndexError(f"no engine {t}: this client has engines {self.ids}")
+            if engines[t].state != "running":
+                raise NoEnginesError(f"engine {t} is {engines[t].state}; running engines: "
+                                     f"{self.ids}")
+
+    def _no_engines(self) -> str:
+        return (f"no engines are running in cluster {self.spec.name!r}"
+                if not self._closed else "this client is closed")
+
+    # -- submitting -------------------------------------------------------------------------
+    def _submit(self, ids: Sequence[int], single: bool, payload: list, *, fname: str,
+                postprocess: Any = None) -> AsyncResult:
+        if self._closed:
+            raise NoEnginesError("this client is closed")
+        now = time.time()
+        records = []
+        channels: list[EngineChannel] = []
+        for eid in ids:
+            ch = self._cluster.engines[eid]
+            records.append(TaskRecord(str(uuid.uuid4()), ch.info, now))
+            channels.append(ch)
+        ar = AsyncResult(records, single=single, fname=fname, postprocess=postprocess)
+        self._results.add(ar)
+        for ch, rec in zip(channels, records):
+            ch.submit(rec, {"msg_id": rec.msg_id}, payload)
+        return ar
+
+    def wait(self, jobs: Sequence[AsyncResult] | None = None,
+             timeout: float | None = None) -> bool:
+        """Wait for ``jobs`` (default: everything submitted through this client).
+
+        Returns whether all finished within ``timeout`` seconds (None: wait forever).
+        """
+        pending = list(jobs) if jobs is not None else list(self._results)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for ar in pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not ar.wait(left):
+                return False
+        return True
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop every engine this client reaches, remove their sockets, and close."""
+        if self._closed:
+            return
+        try:
+            self._io.run(self._cluster.shutdown(), 60, what="shutting down engines")
+        finally:
+            self._closed = True
+            self._io.stop()
+
+    def close(self) -> None:
+        """Disconnect, leaving engines running (they keep their namespaces)."""
+        if self._closed:
+            return
+        try:
+            self._io.run(self._cluster.close(), 30, what="closing connections")
+        finally:
+            self._closed = True
+            self._io.stop()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self.ids)} engines"
+        return f"<sshpar.Client {self.spec.name!r}: {state}>"

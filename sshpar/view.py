@@ -1,0 +1,208 @@
+"""DirectView: run functions, code and scripts on chosen engines, and move data to and from them.
+
+Layer: API. Imports asyncresult, errors, _serialize, _markers and _engine.ops (to name the
+engine-side operations); it talks to engines only through its Client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+
+from . import _serialize
+from ._engine import ops
+from .asyncresult import AsyncResult
+from .errors import NoEnginesError, SerializationError
+
+if TYPE_CHECKING:
+    from .client import Client
+
+Targets = int | Sequence[int] | slice | str | None
+
+
+class DirectView:
+    """Direct access to one engine (scalar results) or several (lists in target order).
+
+    Made by indexing a Client: ``rc[0]``, ``rc[:]``, ``rc[1:3]``, ``rc[[0, 2]]``.
+
+    Attributes:
+        block: whether calls wait for their result (True) or return an AsyncResult (False,
+            the default). Every call also takes ``block=`` to override it once.
+        targets: the engines this view sends to.
+    """
+
+    def __init__(self, client: Client, targets: Targets, *, block: bool = False) -> None:
+        self.client = client
+        self.targets = targets
+        self.block = block
+
+    def __repr__(self) -> str:
+        return f"<DirectView {self.targets!r}>"
+
+    # -- flags ------------------------------------------------------------------------------
+    def _is_blocking(self, block: bool | None) -> bool:
+        return self.block if block is None else bool(block)
+
+    def _resolve_targets(self, targets: Targets = None) -> tuple[list[int], bool]:
+        """Engine ids and whether results are scalar (a single int target)."""
+        targets = self.targets if targets is None else targets
+        return self.client._resolve_targets(targets)
+
+    def set_flags(self, *, block: bool | None = None, targets: Targets = None) -> None:
+        """Set ``block`` and/or ``targets`` for later calls."""
+        if block is not None:
+            self.block = bool(block)
+        if targets is not None:
+            self.client._resolve_targets(targets)
+            self.targets = targets
+
+    @contextlib.contextmanager
+    def temp_flags(self, *, block: bool | None = None, targets: Targets = None
+                   ) -> Iterator[DirectView]:
+        """Set flags for the duration of a ``with`` block, then restore them."""
+        saved = self.block, self.targets
+        self.set_flags(block=block, targets=targets)
+        try:
+            yield self
+        finally:
+            self.block, self.targets = saved
+
+    # -- the core: apply ----------------------------------------------------------------------
+    def _run(self, f: Callable, args: tuple, kwargs: dict, *, block: bool | None,
+             targets: Targets = None, postprocess: Callable[[Any], Any] | None = None,
+             fname: str | None = None) -> Any:
+        ids, single = self._resolve_targets(targets)
+        if not ids:
+            raise NoEnginesError("this view has no engines to run on")
+        name = fname or getattr(f, "__name__", type(f).__name__)
+        payload = _pickle_call(f, args, kwargs, name)
+        ar = self.client._submit(ids, single, payload, fname=name, postprocess=postprocess)
+        return ar.get() if self._is_blocking(block) else ar
+
+    def apply(self, f: Callable, /, *args: Any, **kwargs: Any) -> Any:
+        """Call ``f(*args, **kwargs)`` on the engines; blocks if ``self.block``.
+
+        >>> e0.apply(pow, 2, 10)        # with e0.block = True
+        1024
+        """
+        return self._run(f, args, kwargs, block=None)
+
+    def apply_sync(self, f: Callable, /, *args: Any, **kwargs: Any) -> Any:
+        """Call ``f`` on the engines and wait for the result."""
+        return self._run(f, args, kwargs, block=True)
+
+    def apply_async(self, f: Callable, /, *args: Any, **kwargs: Any) -> AsyncResult:
+        """Call ``f`` on the engines; return an AsyncResult at once."""
+        return self._run(f, args, kwargs, block=False)
+
+    # -- code -------------------------------------------------------------------------------
+    def execute(self, code: str, *, block: bool | None = None,
+                targets: Targets = None) -> Any:
+        """Execute a string of code in the engines' namespace.
+
+        >>> e0.execute("import numpy")
+        """
+        if not isinstance(code, str):
+            raise TypeError(f"execute() takes a string of code, got {type(code).__name__}")
+        return self._run(ops.execute, (code,), {}, block=block, targets=targets,
+                         postprocess=_none, fname="execute")
+
+    def run(self, filename: str | os.PathLike, *, block: bool | None = None,
+            targets: Targets = None) -> Any:
+        """Upload a local Python file and execute it in the engines' namespace.
+
+        The file is read here (the engines need not see this machine's files); tracebacks
+        name it and its lines.
+
+        Raises:
+            FileNotFoundError: the local file does not exist (nothing is sent).
+        """
+        path = os.path.abspath(os.fspath(filename))
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        return self._run(ops.execute, (source, path), {}, block=block, targets=targets,
+                         postprocess=_none, fname=f"run({os.path.basename(path)})")
+
+    # -- data -------------------------------------------------------------------------------
+    def push(self, ns: Mapping[str, Any], *, block: bool | None = None,
+             targets: Targets = None) -> Any:
+        """Update the engines' namespace with ``ns``.
+
+        >>> e0.push(dict(a=1.03234, b=3453))
+        """
+        if not isinstance(ns, Mapping):
+            raise TypeError(f"push() takes a mapping of names to values, got "
+                            f"{type(ns).__name__}")
+        return self._run(ops.push, (dict(ns),), {}, block=block, targets=targets,
+                         postprocess=_none, fname="push")
+
+    def pull(self, names: str | Sequence[str], *, block: bool | None = None,
+             targets: Targets = None) -> Any:
+        """Get one name (a value) or several (a list) from the engines' namespace.
+
+        >>> e0.pull(("a", "b"))
+        [1.03234, 3453]
+        """
+        if not isinstance(names, str):
+            names = tuple(names)
+            for n in names:
+                if not isinstance(n, str):
+                    raise TypeError(f"pull() takes names (str), got {n!r}")
+        return self._run(ops.pull, (names,), {}, block=block, targets=targets, fname="pull")
+
+    def __getitem__(self, key: str) -> Any:
+        return self.pull(key, block=True)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.push({key: value}, block=True)
+
+    def get(self, key_s: str | Sequence[str]) -> Any:
+        """``pull(key_s, block=True)``: the dictionary interface."""
+        return self.pull(key_s, block=True)
+
+    def update(self, ns: Mapping[str, Any]) -> Any:
+        """``push(ns)``: the dictionary interface."""
+        return self.push(ns)
+
+    # -- decorators -------------------------------------------------------------------------
+    def remote(self, block: bool | None = None) -> Callable[[Callable], Callable]:
+        """Decorate a function so that calling it runs it on this view's engines.
+
+        >>> @e0.remote(block=True)
+        ... def getpid():
+        ...     import os
+        ...     return os.getpid()
+        """
+
+        def decorate(f: Callable) -> Callable:
+            @functools.wraps(f)
+            def call(*args: Any, **kwargs: Any) -> Any:
+                return self._run(f, args, kwargs, block=block)
+
+            return call
+
+        return decorate
+
+
+def _none(_: Any) -> None:
+    return None
+
+
+def _pickle_call(f: Callable, args: tuple, kwargs: dict, name: str) -> list:
+    if not callable(f):
+        raise TypeError(f"apply() needs a callable, got {type(f).__name__}")
+    try:
+        return _serialize.dumps((f, args, kwargs), what=f"the call to {name}")
+    except SerializationError as exc:
+        # Name the culprit: the function, or which argument.
+        parts: list[tuple[str, Any]] = [(f"the function {name}", f)]
+        parts += [(f"argument {i + 1} of {name}()", a) for i, a in enumerate(args)]
+        parts += [(f"keyword argument {k!r} of {name}()", v) for k, v in kwargs.items()]
+        for what, obj in parts:
+            try:
+                _serialize.dumps(obj, what=what)
+            except SerializationError as culprit:
+                raise culprit from exc.__cause__
+        raise
