@@ -18,7 +18,7 @@ from ._loop import LoopThread
 from ._session import Cluster, EngineChannel, new_key
 from .asyncresult import AsyncResult, TaskRecord
 from .config import ClusterSpec, load_hosts
-from .errors import NoEnginesError
+from .errors import EngineInfo, NoEnginesError
 from .view import DirectView, Targets
 
 log = logging.getLogger("sshpar.client")
@@ -73,6 +73,11 @@ class Client:
     def ids(self) -> list[int]:
         """Ids of the engines that are up, in order."""
         return [i for i, ch in sorted(self._cluster.engines.items()) if ch.state == "running"]
+
+    @property
+    def engine_info(self) -> dict[int, EngineInfo]:
+        """Every engine this client knows (running or not): id, host, pid, uuid."""
+        return {i: ch.info for i, ch in sorted(self._cluster.engines.items())}
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -98,7 +98,7 @@ class _Invalid(Exception):
         self.node = node
 
 
-_NOT_SCALAR = object()  # what _Reader.scalar returns for a mapping or a list
+_NOT_SCALAR = object()  # _Reader.scalar of a mapping, a list or an unknown tag
 
 
 def _line(node: yaml.Node) -> int:
@@ -140,8 +140,8 @@ class _Reader:
         if value is None:
             return "null"
         if isinstance(value, bool):
-            note = "" if node.value.lower() in ("true", "false") else " (YAML reads it as a boolean)"
-            return f"{str(value).lower()}{note}"
+            plain = node.value.lower() in ("true", "false")
+            return f"{str(value).lower()}{'' if plain else ' (YAML reads it as a boolean)'}"
         return repr(value) if isinstance(value, str) else str(node.value)
 
     def mapping(self, node: yaml.MappingNode) -> dict[str, tuple[yaml.Node, yaml.Node]]:
@@ -306,8 +306,9 @@ def _compose(text: str, source: str) -> yaml.Node | None:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
-        raise ConfigError(f"invalid YAML: {exc.problem or exc.context}; check the indentation "
-                          "and quoting around this line", file=source, line=line) from exc
+        problem = exc.problem or exc.context or exc
+        raise ConfigError(f"invalid YAML: {problem}; check the indentation and quoting around "
+                          "this line", file=source, line=line) from exc
     except yaml.reader.ReaderError as exc:
         line = text.count("\n", 0, exc.position) + 1
         raise ConfigError(f"invalid YAML: unacceptable character #x{exc.character:04x}",

@@ -1,0 +1,50 @@
+"""Shared fixtures: real OpenSSH sshd servers on loopback (see tests/sshd.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.sshd import SSHServer, start_sshd
+
+
+@pytest.fixture(scope="session")
+def sshd_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
+    """One sshd for the whole run; for tests that do not stop, restart or reconfigure it."""
+    server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
+    """An sshd of this test's own, free to stop, restart or break."""
+    server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sshd_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., SSHServer]]:
+    """Start more servers: `sshd_factory(extra_config=..., port=...)`; all stopped at teardown."""
+    servers: list[SSHServer] = []
+
+    def start(*, extra_config: str = "", port: int | None = None) -> SSHServer:
+        servers.append(
+            start_sshd(tmp_path_factory.mktemp("sshd"), extra_config=extra_config, port=port)
+        )
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def hosts_file(sshd_session: SSHServer, tmp_path: Path) -> Path:
+    """A hosts.yaml for the session sshd, one engine, workdir inside this test's tmp_path."""
+    return sshd_session.hosts_yaml(tmp_path / "hosts.yaml", workdir=tmp_path / "work")
