@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shlex
 import socket
 from typing import Any
 
@@ -97,6 +98,7 @@ class AsyncsshTransport(Transport):
         self._conn: asyncssh.SSHClientConnection | None = None
         self._jump: asyncssh.SSHClientConnection | None = None
         self._keeper: Any = None
+        self._streamlocal_refused = False
 
     @property
     def is_connected(self) -> bool:
@@ -144,13 +146,19 @@ class AsyncsshTransport(Transport):
 
     async def open_unix(self, path: str) -> tuple[StreamReader, StreamWriter]:
         conn = self._require()
+        if self._streamlocal_refused:
+            raise ForwardingRefused("streamlocal forwarding was refused earlier")
         try:
             reader, writer = await conn.open_unix_connection(path)
         except asyncssh.ChannelOpenError as exc:
-            if exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
-                raise ForwardingRefused(exc.reason) from exc
-            raise HostError(self.label, f"cannot open a channel to {path}: {exc.reason}") \
-                from exc
+            # OpenSSH answers "open failed" both when forwarding is disabled and when the
+            # socket is missing: look at the socket to tell which.
+            probe = await self.run(f"test -S {shlex.quote(path)}", timeout=10)
+            if probe.exit_status != 0:
+                raise HostError(self.label, f"no engine socket at {path} (the engine has "
+                                "exited?)") from exc
+            self._streamlocal_refused = True
+            raise ForwardingRefused(f"{exc.reason} (code {exc.code})") from exc
         return reader, writer  # type: ignore[return-value]
 
     async def open_exec(self, command: str) -> tuple[StreamReader, StreamWriter]:
