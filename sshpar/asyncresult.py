@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import datetime
+import sys
 import threading
+import time
 from typing import Any, Callable, Generator, Sequence
 
 from . import _serialize
@@ -38,7 +40,7 @@ class TaskRecord:
 
     __slots__ = ("msg_id", "engine", "submitted", "received", "started", "completed",
                  "status", "stdout", "stderr", "error_record", "payload", "failure",
-                 "result_type", "owner", "on_output", "__weakref__")
+                 "result_type", "owner", "on_output", "_outcome", "__weakref__")
 
     def __init__(self, msg_id: str, engine: EngineInfo, submitted: float) -> None:
         self.msg_id = msg_id
@@ -56,6 +58,7 @@ class TaskRecord:
         self.result_type = ""
         self.owner: AsyncResult | None = None
         self.on_output: Callable[[TaskRecord, str, str], None] | None = None
+        self._outcome: tuple[bool, Any] | None = None
 
     @property
     def done(self) -> bool:
@@ -99,7 +102,13 @@ class TaskRecord:
 
     # -- read in the user's thread ----------------------------------------------------------
     def outcome(self) -> tuple[bool, Any]:
-        """(True, value) or (False, exception)."""
+        """(True, value) or (False, exception); computed once, in the caller's thread."""
+        if self._outcome is None:
+            self._outcome = self._compute_outcome()
+            self.payload = []
+        return self._outcome
+
+    def _compute_outcome(self) -> tuple[bool, Any]:
         if self.failure is not None:
             return False, self.failure
         if self.status != "ok":
@@ -112,7 +121,6 @@ class TaskRecord:
                 f"not be unpickled here: {type(exc).__name__}: {exc} — is the module that "
                 "defines it importable on the client?")
             return False, err
-        self.payload = []
         return True, value
 
     def metadata(self) -> dict:
@@ -153,6 +161,7 @@ class AsyncResult(concurrent.futures.Future):
         self._postprocess = postprocess
         self._remaining = len(self._records)
         self._lock = threading.Lock()
+        self._progress = threading.Condition(self._lock)
         self._outcome: Any = _UNSET
         for rec in self._records:
             rec.owner = self
@@ -167,6 +176,7 @@ class AsyncResult(concurrent.futures.Future):
         with self._lock:
             self._remaining -= 1
             last = self._remaining == 0
+            self._progress.notify_all()
         if last:
             super().set_result(None)
 
@@ -274,6 +284,74 @@ class AsyncResult(concurrent.futures.Future):
         err = [rec.stderr for rec in self._records]
         return err[0] if self._single else err
 
+    @property
+    def progress(self) -> int:
+        """How many engines' tasks have finished."""
+        return len(self._records) - self._remaining
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since submission: until now, or until the last result if all are in."""
+        start = min(rec.submitted for rec in self._records)
+        if self.done():
+            return max(rec.received or start for rec in self._records) - start
+        return time.time() - start
+
+    @property
+    def wall_time(self) -> float:
+        """Seconds from the first submission to the last result (when ready)."""
+        self._require_ready("wall_time")
+        return self.elapsed
+
+    @property
+    def serial_time(self) -> float:
+        """Sum of the engines' compute times (started to completed), in seconds."""
+        self._require_ready("serial_time")
+        return sum((rec.completed or 0) - (rec.started or 0) for rec in self._records
+                   if rec.started is not None)
+
+    def _require_ready(self, what: str) -> None:
+        if not self.done():
+            raise ValueError(f"{what} is known only once {self!r} is ready")
+
+    def get_dict(self, timeout: float | None = None) -> dict[int, Any]:
+        """The results as ``{engine_id: result}`` (one task per engine)."""
+        ids = [rec.engine.engine_id for rec in self._records]
+        if len(set(ids)) != len(ids):
+            raise ValueError("get_dict() needs one task per engine; this result has "
+                             f"several on engines {ids}")
+        value = self.get(timeout)
+        values = [value] if self._single else list(value)
+        if len(values) != len(ids):
+            raise ValueError("get_dict() is not available for map results")
+        return dict(zip(ids, values))
+
+    def display_outputs(self, file: Any = None) -> None:
+        """Print each engine's captured stdout and stderr, prefixed ``[engine N@host]``."""
+        out = file if file is not None else sys.stdout
+        for rec in self._records:
+            tag = f"[engine {rec.engine.engine_id}@{rec.engine.host}]"
+            for name, text in (("stdout", rec.stdout), ("stderr", rec.stderr)):
+                if not text:
+                    continue
+                label = tag if name == "stdout" else f"{tag} (stderr)"
+                for line in text.splitlines():
+                    print(f"{label} {line}", file=out)
+
+    def wait_interactive(self, interval: float = 0.1, timeout: float | None = None) -> bool:
+        """Wait, showing a progress bar of finished tasks; return whether all finished."""
+        from ._progress import progress_bar
+
+        return progress_bar(self, interval=interval, timeout=timeout)
+
+    def _wait_record(self, rec: TaskRecord, deadline: float | None) -> None:
+        with self._lock:
+            while not rec.done:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError("Result not ready.")
+                self._progress.wait(left)
+
     def __len__(self) -> int:
         return len(self._records)
 
@@ -281,6 +359,18 @@ class AsyncResult(concurrent.futures.Future):
         state = "finished" if self.done() else "pending"
         name = f"({self._fname})" if self._fname else ""
         return f"<AsyncResult{name}: {state}>"
+
+
+class AsyncMapResult(AsyncResult):
+    """The result of ``map``: one list, iterable element by element as parts arrive."""
+
+    def __iter__(self) -> Generator[Any, None, None]:
+        for rec in self._records:
+            self._wait_record(rec, None)
+            ok, value = rec.outcome()
+            if not ok:
+                raise value
+            yield from value
 
 
 def _as_remote(exc: BaseException) -> RemoteError:

@@ -6,6 +6,7 @@ one background loop thread per client.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -67,6 +68,10 @@ class Client:
             raise
         self.start_errors: dict[str, BaseException] = getattr(
             self._cluster, "start_errors", {})
+        # At interpreter exit, disconnect cleanly (engines keep running, as with close()).
+        ref = weakref.ref(self)
+        self._atexit = lambda: (c := ref()) is not None and c.close()
+        atexit.register(self._atexit)
 
     # -- engines ----------------------------------------------------------------------------
     @property
@@ -130,8 +135,10 @@ class Client:
                 if not self._closed else "this client is closed")
 
     # -- submitting -------------------------------------------------------------------------
-    def _submit(self, ids: Sequence[int], single: bool, payload: list, *, fname: str,
-                postprocess: Any = None) -> AsyncResult:
+    def _submit(self, ids: Sequence[int], single: bool, payloads: Sequence[list], *,
+                fname: str, postprocess: Any = None,
+                result_class: type[AsyncResult] = AsyncResult) -> AsyncResult:
+        """Send one task per engine (``payloads[i]`` to ``ids[i]``); never blocks."""
         if self._closed:
             raise NoEnginesError("this client is closed")
         now = time.time()
@@ -141,9 +148,9 @@ class Client:
             ch = self._cluster.engines[eid]
             records.append(TaskRecord(str(uuid.uuid4()), ch.info, now))
             channels.append(ch)
-        ar = AsyncResult(records, single=single, fname=fname, postprocess=postprocess)
+        ar = result_class(records, single=single, fname=fname, postprocess=postprocess)
         self._results.add(ar)
-        for ch, rec in zip(channels, records):
+        for ch, rec, payload in zip(channels, records, payloads):
             ch.submit(rec, {"msg_id": rec.msg_id}, payload)
         return ar
 
@@ -166,6 +173,7 @@ class Client:
         """Stop every engine this client reaches, remove their sockets, and close."""
         if self._closed:
             return
+        atexit.unregister(self._atexit)
         try:
             self._io.run(self._cluster.shutdown(), 60, what="shutting down engines")
         finally:
@@ -176,6 +184,7 @@ class Client:
         """Disconnect, leaving engines running (they keep their namespaces)."""
         if self._closed:
             return
+        atexit.unregister(self._atexit)
         try:
             self._io.run(self._cluster.close(), 30, what="closing connections")
         finally:

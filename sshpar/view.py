@@ -11,9 +11,9 @@ import functools
 import os
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
-from . import _serialize
+from . import _partition, _serialize
 from ._engine import ops
-from .asyncresult import AsyncResult
+from .asyncresult import AsyncMapResult, AsyncResult
 from .errors import NoEnginesError, SerializationError
 
 if TYPE_CHECKING:
@@ -78,7 +78,8 @@ class DirectView:
             raise NoEnginesError("this view has no engines to run on")
         name = fname or getattr(f, "__name__", type(f).__name__)
         payload = _pickle_call(f, args, kwargs, name)
-        ar = self.client._submit(ids, single, payload, fname=name, postprocess=postprocess)
+        ar = self.client._submit(ids, single, [payload] * len(ids), fname=name,
+                                 postprocess=postprocess)
         return ar.get() if self._is_blocking(block) else ar
 
     def apply(self, f: Callable, /, *args: Any, **kwargs: Any) -> Any:
@@ -166,6 +167,90 @@ class DirectView:
         """``push(ns)``: the dictionary interface."""
         return self.push(ns)
 
+    # -- many items -------------------------------------------------------------------------
+    def _run_each(self, f: Callable, per_engine: Sequence[tuple], *, block: bool | None,
+                  ids: list[int], single: bool, fname: str,
+                  postprocess: Callable[[Any], Any] | None = None,
+                  result_class: type[AsyncResult] = AsyncResult) -> Any:
+        """Call ``f(*per_engine[i])`` on engine ``ids[i]``: one payload each."""
+        payloads = [_pickle_call(f, args, {}, fname) for args in per_engine]
+        ar = self.client._submit(ids, single, payloads, fname=fname, postprocess=postprocess,
+                                 result_class=result_class)
+        return ar.get() if self._is_blocking(block) else ar
+
+    def map(self, f: Callable, *sequences: Any, block: bool | None = None) -> Any:
+        """``list(map(f, *sequences))``, the sequences split evenly across the engines.
+
+        Returns the list (blocking) or an AsyncMapResult, iterable as parts arrive.
+
+        >>> rc[:].map_sync(lambda x: x * x, range(6))
+        [0, 1, 4, 9, 16, 25]
+        """
+        if not sequences:
+            raise TypeError("map() needs at least one sequence")
+        ids, _ = self._resolve_targets()
+        if not ids:
+            raise NoEnginesError("this view has no engines to run on")
+        lengths = {len(s) for s in sequences if hasattr(s, "__len__")}
+        if len(lengths) > 1:
+            raise ValueError(f"map() sequences differ in length: {sorted(lengths)}")
+        split = [_partition.split(seq, len(ids)) for seq in sequences]
+        per_engine = [tuple(parts[i] for parts in split) for i in range(len(ids))]
+        keep = [i for i, args in enumerate(per_engine) if len(args[0])]
+        if not keep:
+            keep = [0]
+        name = getattr(f, "__name__", "f")
+        return self._run_each(
+            ops.map_chunk, [(f, *per_engine[i]) for i in keep], block=block,
+            ids=[ids[i] for i in keep], single=False, fname=f"map({name})",
+            postprocess=_partition.join, result_class=AsyncMapResult)
+
+    def map_sync(self, f: Callable, *sequences: Any) -> list:
+        """:meth:`map`, waiting for the whole list."""
+        return self.map(f, *sequences, block=True)
+
+    def map_async(self, f: Callable, *sequences: Any) -> AsyncMapResult:
+        """:meth:`map`, returning an AsyncMapResult at once."""
+        return self.map(f, *sequences, block=False)
+
+    def imap(self, f: Callable, *sequences: Any) -> Iterator[Any]:
+        """Results of ``map(f, *sequences)`` one by one, in order, as they arrive."""
+        return iter(self.map_async(f, *sequences))
+
+    def scatter(self, key: str, seq: Any, *, flatten: bool = False,
+                block: bool | None = None, targets: Targets = None) -> Any:
+        """Split ``seq`` across the engines and bind each part to ``key`` there.
+
+        With ``flatten=True`` a part of one element is bound as that element.
+        """
+        ids, _ = self._resolve_targets(targets)
+        parts = _partition.split(seq, len(ids))
+        if flatten:
+            parts = [p[0] if len(p) == 1 else p for p in parts]
+        return self._run_each(ops.push, [({key: part},) for part in parts], block=block,
+                              ids=ids, single=False, fname="scatter", postprocess=_none)
+
+    def gather(self, key: str, *, block: bool | None = None, targets: Targets = None) -> Any:
+        """Pull ``key`` from every engine and join the parts, in engine order."""
+        ids, _ = self._resolve_targets(targets)
+        return self._run(ops.pull, (key,), {}, block=block, targets=list(ids),
+                         postprocess=_partition.join, fname="gather")
+
+    def sync_imports(self, local: bool = True, quiet: bool = False) -> Any:
+        """Imports inside this ``with`` block happen on the engines too.
+
+        >>> with rc[:].sync_imports():
+        ...     import numpy
+        importing numpy on engine(s)
+
+        Args:
+            local: also import here (with False, names bind to placeholders locally).
+            quiet: do not print what is imported.
+        """
+        from ._imports import SyncImports
+
+        return SyncImports(self, local=local, quiet=quiet)
+
     # -- decorators -------------------------------------------------------------------------
     def remote(self, block: bool | None = None) -> Callable[[Callable], Callable]:
         """Decorate a function so that calling it runs it on this view's engines.
@@ -182,6 +267,22 @@ class DirectView:
                 return self._run(f, args, kwargs, block=block)
 
             return call
+
+        return decorate
+
+    def parallel(self, block: bool | None = None) -> Callable[[Callable], ParallelFunction]:
+        """Decorate a function to run on parts of its sequence arguments, one per engine.
+
+        Calling the result splits every argument across the engines, calls the function
+        on each part and joins the results; ``.map(...)`` calls it element-wise instead.
+
+        >>> @rc[:].parallel(block=True)
+        ... def pmul(a, b):
+        ...     return a * b            # with numpy arrays: element-wise on each part
+        """
+
+        def decorate(f: Callable) -> ParallelFunction:
+            return ParallelFunction(self, f, block=block)
 
         return decorate
 
@@ -206,3 +307,26 @@ def _pickle_call(f: Callable, args: tuple, kwargs: dict, name: str) -> list:
             except SerializationError as culprit:
                 raise culprit from exc.__cause__
         raise
+
+
+class ParallelFunction:
+    """A function that runs split across a view's engines (see :meth:`DirectView.parallel`)."""
+
+    def __init__(self, view: DirectView, f: Callable, *, block: bool | None = None) -> None:
+        self.view = view
+        self.func = f
+        self.block = block
+        functools.update_wrapper(self, f)
+
+    def __call__(self, *sequences: Any) -> Any:
+        view = self.view
+        ids, _ = view._resolve_targets()
+        split = [_partition.split(seq, len(ids)) for seq in sequences]
+        per_engine = [(self.func, *(parts[i] for parts in split)) for i in range(len(ids))]
+        name = getattr(self.func, "__name__", "f")
+        return view._run_each(ops.call_chunk, per_engine, block=self.block, ids=ids,
+                              single=False, fname=name, postprocess=_partition.join,
+                              result_class=AsyncMapResult)
+
+    def map(self, *sequences: Any) -> Any:
+        return self.view.map(self.func, *sequences, block=self.block)

@@ -57,8 +57,16 @@ def pull(names: str | tuple | list) -> Any:
     return [one(n) for n in names]
 
 
-def _noop() -> None:
-    return None
-
-
 _MISSING = object()
+
+
+def map_chunk(f: Any, *chunks: Any) -> list:
+    """``list(map(f, *chunks))`` with ``f`` seeing the engine namespace (view.map)."""
+    f = EXECUTOR.rebind(f) if EXECUTOR is not None else f
+    return list(map(f, *chunks))
+
+
+def call_chunk(f: Any, *chunks: Any) -> Any:
+    """``f(*chunks)`` with ``f`` seeing the engine namespace (view.parallel)."""
+    f = EXECUTOR.rebind(f) if EXECUTOR is not None else f
+    return f(*chunks)
