@@ -33,9 +33,13 @@ def sshd_factory(
     """Start more servers: `sshd_factory(extra_config=..., port=...)`; all stopped at teardown."""
     servers: list[SSHServer] = []
 
-    def start(*, extra_config: str = "", port: int | None = None) -> SSHServer:
+    def start(
+        *, extra_config: str = "", port: int | None = None, wrap: tuple[str, ...] = ()
+    ) -> SSHServer:
         servers.append(
-            start_sshd(tmp_path_factory.mktemp("sshd"), extra_config=extra_config, port=port)
+            start_sshd(
+                tmp_path_factory.mktemp("sshd"), extra_config=extra_config, port=port, wrap=wrap
+            )
         )
         return servers[-1]
 

@@ -70,6 +70,7 @@ class SSHServer:
     proc: subprocess.Popen[bytes]  # the listener; replaced by restart()
     config_path: Path
     log_path: Path
+    wrap: tuple[str, ...] = ()  # a command prefix sshd runs under (e.g. `unshare -m ...`)
 
     def log(self) -> str:
         """The sshd log so far (LogLevel VERBOSE), for assertions and failure messages."""
@@ -109,7 +110,7 @@ class SSHServer:
     def restart(self, *, connections: bool = True) -> None:
         """Stop, then start again on the same port with the same keys and config."""
         self.stop(connections=connections)
-        self.proc = _spawn_ready(self.config_path, self.log_path, self.port)
+        self.proc = _spawn_ready(self.config_path, self.log_path, self.port, self.wrap)
 
     def hosts_yaml(
         self,
@@ -137,7 +138,13 @@ class SSHServer:
         return path
 
 
-def start_sshd(base_dir: Path, *, extra_config: str = "", port: int | None = None) -> SSHServer:
+def start_sshd(
+    base_dir: Path,
+    *,
+    extra_config: str = "",
+    port: int | None = None,
+    wrap: tuple[str, ...] = (),
+) -> SSHServer:
     """Generate keys and config in `base_dir`, start sshd, and wait until it sends its banner.
 
     Args:
@@ -145,6 +152,8 @@ def start_sshd(base_dir: Path, *, extra_config: str = "", port: int | None = Non
         extra_config: sshd_config lines; they take precedence over the defaults, and
             `Match` blocks in them are placed last, as sshd requires.
         port: listen here; by default a free port is picked (and re-picked if taken).
+        wrap: a command prefix that ends by exec-ing its arguments (sshd's argv is appended),
+            e.g. to run sshd in a private mount namespace; it must keep sshd's pid.
 
     Raises:
         SSHDError: sshd is not installed, or did not become ready (the message has its log).
@@ -172,7 +181,7 @@ def start_sshd(base_dir: Path, *, extra_config: str = "", port: int | None = Non
         chosen = port if port is not None else _free_port()
         config.write_text(_config_text(base_dir, chosen, host_key, extra_config, user))
         try:
-            proc = _spawn_ready(config, log, chosen)
+            proc = _spawn_ready(config, log, chosen, wrap)
         except _PortTaken:
             if port is not None or attempt == START_ATTEMPTS - 1:
                 raise SSHDError(f"port {chosen} is in use:\n{_read(log)}") from None
@@ -190,6 +199,7 @@ def start_sshd(base_dir: Path, *, extra_config: str = "", port: int | None = Non
         proc=proc,
         config_path=config,
         log_path=log,
+        wrap=tuple(wrap),
     )
 
 
@@ -278,14 +288,16 @@ def _pdeathsig_prefix() -> list[str]:
     return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
 
 
-def _spawn_ready(config: Path, log: Path, port: int) -> subprocess.Popen[bytes]:
+def _spawn_ready(
+    config: Path, log: Path, port: int, wrap: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
     """Start sshd and return it once it sends "SSH-2.0"; raise _PortTaken or SSHDError."""
     start = log.stat().st_size if log.exists() else 0
     pidfile = config.parent / "sshd.pid"
     # stderr goes to the log too, for what fails before sshd opens it (exec errors).
     with open(log, "ab") as stderr:
         proc = subprocess.Popen(
-            [*_pdeathsig_prefix(), str(SSHD), "-D", "-e", "-f", str(config), "-E", str(log)],
+            [*_pdeathsig_prefix(), *wrap, str(SSHD), "-D", "-e", "-f", str(config), "-E", str(log)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
