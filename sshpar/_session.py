@@ -12,10 +12,12 @@ import collections
 import dataclasses
 import logging
 import os
+import shlex
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import _bootstrap, _wire
+from ._clusterfile import ClusterRecord, EngineRecord
 from ._transport import ForwardingRefused, Transport, make_transport
 from .asyncresult import TaskRecord
 from .config import ClusterSpec, HostSpec
@@ -30,6 +32,9 @@ from .errors import (
 from .errors import TimeoutError as SshparTimeoutError
 
 log = logging.getLogger("sshpar.session")
+
+#: ``on_progress(host, phase)``: told as each host connects, starts and is ready (or fails).
+Progress = Callable[[str, str], None] | None
 
 CHANNEL_TIMEOUT = 20.0
 CONTROL_TIMEOUT = 10.0
@@ -231,17 +236,24 @@ class HostSession:
     def label(self) -> str:
         return self.spec.label
 
-    async def start(self, cluster: str, key: bytes, timeout: float) -> None:
+    async def start(self, cluster: str, key: bytes, timeout: float,
+                    progress: Progress = None) -> None:
+        note = progress or (lambda host, phase: None)
+        note(self.label, "connecting")
         await asyncio.wait_for(self.transport.connect(), self.spec.connect_timeout + 5)
+        note(self.label, "starting engines")
         self.report = await _bootstrap.launch(self.transport, self.spec, cluster=cluster,
                                               key=key, engines=self.spec.engines,
                                               timeout=timeout)
+        note(self.label, f"ready: {len(self.report.engines)} engine(s)")
 
     async def kill_leftovers(self, pids: Sequence[int], sockets: Sequence[str]) -> None:
         if not pids or not self.transport.is_connected:
             return
-        cmd = ("kill " + " ".join(str(p) for p in pids) + " 2>/dev/null; rm -f "
-               + " ".join(_bootstrap.shlex.quote(s) for s in sockets))
+        # Only signal processes that are still our engines: a pid may have been reused.
+        cmd = ("for p in " + " ".join(str(int(p)) for p in pids) + "; do "
+               "grep -qs 'sshpar-' /proc/$p/cmdline && kill $p; done; rm -f "
+               + " ".join(shlex.quote(s) for s in sockets))
         try:
             await self.transport.run(cmd, timeout=CONTROL_TIMEOUT)
         except SshparError as exc:
@@ -256,16 +268,21 @@ class Cluster:
         self.key = key
         self.hosts: list[HostSession] = []
         self.engines: dict[int, EngineChannel] = {}
+        self.start_errors: dict[str, BaseException] = {}
 
-    async def start(self, *, timeout: float, allow_partial: bool = False) -> None:
+    async def start(self, *, timeout: float, allow_partial: bool = False,
+                    on_progress: Progress = None) -> None:
+        """Start every host's engines, all hosts at once (bounded), then open channels."""
         sem = asyncio.Semaphore(START_CONCURRENCY)
 
         async def start_host(spec: HostSpec) -> HostSession:
             async with sem:
                 host = HostSession(spec, make_transport(spec))
                 try:
-                    await host.start(self.spec.name, self.key, timeout)
-                except BaseException:
+                    await host.start(self.spec.name, self.key, timeout, on_progress)
+                except BaseException as exc:
+                    if on_progress is not None:
+                        on_progress(spec.label, f"failed: {exc}")
                     await host.transport.close()
                     raise
                 return host
@@ -305,6 +322,58 @@ class Cluster:
             raise EngineError(f"could not open a channel to {ch.info}: "
                               f"{type(exc).__name__}: {exc}", engine_id=ch.engine_id,
                               host=ch.info.host, reason=str(exc)) from exc
+
+    async def attach(self, engines: Sequence[EngineRecord], *, timeout: float) -> None:
+        """Reconnect to engines started earlier (from a cluster file). Engines that cannot be
+        reached are kept, marked lost; raises only if none can be reached."""
+        by_host: dict[int, list[EngineRecord]] = {}
+        for rec in engines:
+            by_host.setdefault(rec.host, []).append(rec)
+
+        async def attach_host(index: int, recs: list[EngineRecord]) -> None:
+            spec = self.spec.hosts[index]
+            host = HostSession(spec, make_transport(spec))
+            self.hosts.append(host)
+            channels = []
+            for rec in recs:
+                ch = EngineChannel(host, EngineInfo(rec.id, spec.label, rec.pid, rec.uuid),
+                                   rec.socket)
+                ch.state = "lost"
+                host.channels.append(ch)
+                self.engines[rec.id] = ch
+                channels.append(ch)
+            try:
+                await asyncio.wait_for(host.transport.connect(), spec.connect_timeout + 5)
+            except (SshparError, asyncio.TimeoutError, OSError) as exc:
+                self.start_errors[spec.label] = _as_host_error(spec, exc)
+                return
+            results = await asyncio.gather(
+                *(asyncio.wait_for(ch.open(self.key), CHANNEL_TIMEOUT) for ch in channels),
+                return_exceptions=True)
+            for ch, res in zip(channels, results):
+                if isinstance(res, BaseException):
+                    log.info("%s is gone: %s", ch.info, res)
+                    ch.state = "lost"
+
+        self.start_errors = {}
+        await asyncio.wait_for(
+            asyncio.gather(*(attach_host(i, recs) for i, recs in sorted(by_host.items()))),
+            timeout)
+        self.hosts.sort(key=lambda h: self.spec.hosts.index(h.spec))
+
+    def record(self, created: str = "") -> ClusterRecord:
+        """What a later client needs to reach these engines again."""
+        engines = []
+        for index, spec in enumerate(self.spec.hosts):
+            for host in self.hosts:
+                if host.spec is not spec:
+                    continue
+                for ch in host.channels:
+                    engines.append(EngineRecord(ch.engine_id, index, ch.info.uuid,
+                                                ch.info.pid, ch.socket_path))
+        return ClusterRecord(name=self.spec.name, key=self.key, hosts=self.spec.hosts,
+                             engines=tuple(sorted(engines, key=lambda e: e.id)),
+                             created=created, source=self.spec.source)
 
     async def shutdown(self) -> None:
         """Stop every engine (politely, then by signal) and close every connection."""

@@ -13,13 +13,14 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ._loop import LoopThread
 from ._session import Cluster, EngineChannel, new_key
 from .asyncresult import AsyncResult, TaskRecord
+from . import _clusterfile
 from .config import ClusterSpec, load_hosts
-from .errors import EngineInfo, NoEnginesError
+from .errors import ConfigError, EngineInfo, NoEnginesError
 from .view import DirectView, Targets
 
 log = logging.getLogger("sshpar.client")
@@ -47,31 +48,63 @@ class Client:
     def __init__(self, url_file: str | os.PathLike | None = None, *,
                  hosts: str | os.PathLike | ClusterSpec | None = None,
                  cluster: str | None = None, profile: str | None = None,
-                 timeout: float = DEFAULT_START_TIMEOUT, allow_partial: bool = False) -> None:
-        if hosts is None:
-            raise NoEnginesError(
-                "no cluster given: use Client(hosts='hosts.yaml') to start engines from a "
-                "hosts file (see hosts.example.yaml)")
-        spec = hosts if isinstance(hosts, ClusterSpec) else load_hosts(hosts)
-        self.spec = spec
-        self._closed = False
-        self._lock = threading.Lock()
-        self._results: weakref.WeakSet[AsyncResult] = weakref.WeakSet()
+                 timeout: float = DEFAULT_START_TIMEOUT, allow_partial: bool = False,
+                 on_progress: Callable[[str, str], None] | None = None) -> None:
+        self._closed = True
+        self._results: weakref.WeakValueDictionary[str, AsyncResult] = \
+            weakref.WeakValueDictionary()
         self._io = LoopThread()
-        self._cluster = Cluster(spec, new_key())
         try:
-            self._io.run(self._cluster.start(timeout=timeout, allow_partial=allow_partial),
-                         timeout + 10, what=f"starting cluster {spec.name!r}")
+            if hosts is not None:
+                spec = hosts if isinstance(hosts, ClusterSpec) else load_hosts(hosts)
+                self._start_or_reuse(spec, timeout, allow_partial, on_progress)
+            else:
+                name = cluster if cluster is not None else profile
+                record = (_clusterfile.load(url_file) if url_file is not None
+                          else _clusterfile.load_named(name))
+                self._attach(record, timeout)
         except BaseException:
             self._io.stop()
-            self._closed = True
             raise
-        self.start_errors: dict[str, BaseException] = getattr(
-            self._cluster, "start_errors", {})
+        self._closed = False
+        self.start_errors: dict[str, BaseException] = dict(self._cluster.start_errors)
         # At interpreter exit, disconnect cleanly (engines keep running, as with close()).
         ref = weakref.ref(self)
         self._atexit = lambda: (c := ref()) is not None and c.close()
         atexit.register(self._atexit)
+
+    def _start_or_reuse(self, spec: ClusterSpec, timeout: float, allow_partial: bool,
+                        on_progress: Callable[[str, str], None] | None) -> None:
+        path = _clusterfile.path_for(spec.name)
+        if path.exists():
+            record = _clusterfile.load(path)
+            self._attach(record, timeout)
+            alive = bool(self.ids)
+            if alive and record.hosts == spec.hosts:
+                log.info("reusing running cluster %r (%d engines)", spec.name, len(self.ids))
+                return
+            self._io.run(self._cluster.close(), 30, what="closing connections")
+            if alive:
+                raise ConfigError(
+                    f"cluster {spec.name!r} is already running with other hosts or settings; "
+                    f"stop it first (`sshpar stop {spec.name}`) or give this one another "
+                    "`name:`", file=spec.source, key="name")
+        self.spec = spec
+        self._cluster = Cluster(spec, new_key())
+        self._io.run(self._cluster.start(timeout=timeout, allow_partial=allow_partial,
+                                         on_progress=on_progress),
+                     timeout + 10, what=f"starting cluster {spec.name!r}")
+        _clusterfile.save(self._cluster.record(created=_clusterfile.now()))
+
+    def _attach(self, record: _clusterfile.ClusterRecord, timeout: float) -> None:
+        self.spec = record.spec
+        self._cluster = Cluster(record.spec, record.key)
+        self._io.run(self._cluster.attach(record.engines, timeout=timeout), timeout + 10,
+                     what=f"connecting to cluster {record.name!r}")
+        if not any(ch.state == "running" for ch in self._cluster.engines.values()):
+            errors = "; ".join(str(e) for e in self._cluster.start_errors.values())
+            if errors and len(self._cluster.start_errors) == len(self._cluster.hosts):
+                log.info("cluster %r unreachable: %s", record.name, errors)
 
     # -- engines ----------------------------------------------------------------------------
     @property
@@ -149,7 +182,8 @@ class Client:
             records.append(TaskRecord(str(uuid.uuid4()), ch.info, now))
             channels.append(ch)
         ar = result_class(records, single=single, fname=fname, postprocess=postprocess)
-        self._results.add(ar)
+        for rec in records:
+            self._results[rec.msg_id] = ar
         for ch, rec, payload in zip(channels, records, payloads):
             ch.submit(rec, {"msg_id": rec.msg_id}, payload)
         return ar
@@ -160,7 +194,7 @@ class Client:
 
         Returns whether all finished within ``timeout`` seconds (None: wait forever).
         """
-        pending = list(jobs) if jobs is not None else list(self._results)
+        pending = list(jobs) if jobs is not None else list(set(self._results.values()))
         deadline = None if timeout is None else time.monotonic() + timeout
         for ar in pending:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -176,6 +210,7 @@ class Client:
         atexit.unregister(self._atexit)
         try:
             self._io.run(self._cluster.shutdown(), 60, what="shutting down engines")
+            _clusterfile.remove(self.spec.name)
         finally:
             self._closed = True
             self._io.stop()

@@ -30,8 +30,12 @@ Every class pickles (``__reduce__``) so errors can cross processes intact.
 from __future__ import annotations
 
 import builtins
+import collections
 import dataclasses
-from typing import Any, Sequence
+import sys
+import textwrap
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "AuthenticationError",
@@ -150,8 +154,8 @@ class StartError(SshparError):
     def __init__(self, errors: dict[str, BaseException], started: Sequence[str] = ()) -> None:
         self.errors = dict(errors)
         self.started = list(started)
-        lines = [f"{len(self.errors)} of {len(self.errors) + len(self.started)} host(s) "
-                 "failed to start:"]
+        lines = [(f"{len(self.errors)} of {len(self.errors) + len(self.started)} host(s) "
+                  "failed to start:")]
         lines += [f"  - {err}" for err in self.errors.values()]
         super().__init__("\n".join(lines))
 
@@ -190,82 +194,185 @@ class TaskAborted(SshparError):
 class RemoteError(SshparError):
     """The task raised an exception on the engine.
 
+    When the remote exception's class is already loaded on the client (a builtin, or a class
+    from a module the client has imported), the error is *also* an instance of that class, so
+    ``except ZeroDivisionError:`` catches a remote ``ZeroDivisionError``; it is still a
+    RemoteError and carries the remote evidence below (the class only: not the remote
+    object's attributes or ``args``). Exceptions outside ``Exception`` (``KeyboardInterrupt``,
+    ``SystemExit``), ``StopIteration``/``StopAsyncIteration`` (they would end a loop silently),
+    sshpar's own errors and classes that cannot be combined stay plain RemoteErrors.
+
+    ``str(err)`` is plain text for logs; ``rich`` (``console.print(err)``) and IPython show a
+    rendered traceback of the remote code.
+
     Attributes:
         ename: the remote exception's class name, e.g. ``"ZeroDivisionError"``.
+        etype: its ``module.qualname``, e.g. ``"builtins.ZeroDivisionError"``.
         evalue: its ``str()``.
-        traceback: the remote traceback as plain text.
+        traceback: the remote traceback as plain text, chained exceptions included.
         engine_info: the :class:`EngineInfo` of the engine that ran it (or None).
-        frames: structured remote frames (dicts with filename, lineno, name, lines) for rendering.
-        chain: earlier exceptions in a ``raise ... from ...`` chain, as dicts.
+        frames: structured remote frames (dicts with filename, lineno, name, line, start and
+            the engine's source ``lines``) for rendering.
+        chain: the exceptions that led to it (``raise ... from ...`` or raised while handling
+            another), nearest first, as dicts like the error's own record.
+        remote_class: the client's class for ``etype`` when the error is also one, else None.
+
+    Example:
+        >>> try:
+        ...     rc[0].apply_sync(lambda: 1 / 0)
+        ... except ZeroDivisionError as err:
+        ...     print(err.engine_info)
+        engine 0 on node1 (pid 1234)
     """
 
+    remote_class: type[BaseException] | None = None
+    # The C-level constructor of the nearest builtin base (set per dual class): the remote
+    # class's own __new__/__init__ never run on the client.
+    _native_new = staticmethod(Exception.__new__)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        return cls._native_new(cls)
+
     def __init__(self, ename: str, evalue: str = "", traceback: str = "",
-                 engine_info: EngineInfo | None = None, *,
+                 engine_info: EngineInfo | None = None, *, etype: str = "",
                  frames: Sequence[dict] = (), chain: Sequence[dict] = ()) -> None:
         self.ename = ename
+        self.etype = etype
         self.evalue = evalue
         self.traceback = traceback
         self.engine_info = engine_info
         self.frames = list(frames)
         self.chain = list(chain)
-        super().__init__(ename, evalue)
+        # Not super().__init__: in a dual class the next __init__ is the remote class's.
+        Exception.__init__(self, ename, evalue)
 
     @classmethod
     def from_record(cls, record: dict, engine_info: EngineInfo | None = None) -> RemoteError:
-        """Build the error the client raises from the engine's plain-data description."""
+        """Build the error the client raises from the engine's plain-data description.
+
+        Args:
+            record: what the engine's ``error_record()`` produced.
+            engine_info: the engine that ran the task.
+
+        Returns:
+            A RemoteError; also an instance of the remote class when the client has it loaded.
+        """
+        ename = record.get("ename") or "Exception"
+        etype = record.get("etype") or ""
         err_cls: type[RemoteError] = cls
-        if record.get("ename") == "UnmetDependencyError":
+        if ename == "UnmetDependencyError" or etype == f"{__name__}.UnmetDependencyError":
             err_cls = UnmetDependencyError
-        err = err_cls(record.get("ename", "Exception"), record.get("evalue", ""),
-                      record.get("traceback") or record.get("text", ""), engine_info,
-                      frames=record.get("frames", ()), chain=record.get("chain", ()))
-        err.etype = record.get("etype", "")
-        return err
+        elif cls is RemoteError:
+            err_cls = _dual_class(etype) or RemoteError
+        return err_cls(ename, record.get("evalue", ""),
+                       record.get("traceback") or record.get("text", ""), engine_info,
+                       etype=etype, frames=record.get("frames", ()),
+                       chain=record.get("chain", ()))
+
+    def headline(self) -> str:
+        """One line: ``ZeroDivisionError: division by zero``."""
+        return f"{self.ename}: {self.evalue}" if self.evalue else self.ename
 
     def __str__(self) -> str:
-        head = f"{self.ename}({self.evalue})"
-        if self.engine_info is not None:
-            head = f"{head} on {self.engine_info}"
-        return f"{head}\n{self.traceback}".rstrip()
+        text = self.traceback.rstrip()
+        if not text:
+            where = f" [{self.engine_info}]" if self.engine_info is not None else ""
+            return f"{self.headline()}{where}"
+        where = f" from {self.engine_info}" if self.engine_info is not None else ""
+        return f"{self.headline()}\n--- remote traceback{where} ---\n{text}"
 
     def __repr__(self) -> str:
-        return f"<RemoteError {self.ename}({self.evalue!r})>"
+        name = "RemoteError" if self.remote_class is not None else type(self).__name__
+        where = f" from engine {self.engine_info.engine_id}" if self.engine_info else ""
+        return f"<{name} {self.ename}({self.evalue!r}){where}>"
 
     def _render_traceback_(self) -> list[str]:
         """IPython calls this to show the error: the remote traceback, not ours."""
-        from ._render import render_remote_error_lines
+        from ._render import render_lines
 
-        return render_remote_error_lines(self)
+        return render_lines(self)
 
     def __rich_console__(self, console: Any, options: Any) -> Any:
-        from ._render import remote_error_renderables
+        from ._render import error_renderables
 
-        yield from remote_error_renderables(self)
+        yield from error_renderables(self)
 
     def __reduce__(self) -> Any:
-        state = dict(self.__dict__)
-        return (_rebuild_remote, (type(self).__mro__[0].__name__, _plain_remote_class(self),
-                                  self.args, state))
+        # A dual class is not importable by name: it travels as RemoteError plus ``etype``
+        # and is made again (if the class is loaded there) when unpickled.
+        cls = RemoteError if self.remote_class is not None else type(self)
+        return (_rebuild_remote, (cls, self.args, dict(self.__dict__)))
 
 
-def _plain_remote_class(err: RemoteError) -> type:
-    # An error that is also an instance of the remote class (a dynamic subclass) is pickled as
-    # its RemoteError base plus the name; the client rebuilds the dual class on arrival.
-    for cls in type(err).__mro__:
-        if cls.__module__ == __name__ and issubclass(cls, RemoteError):
-            return cls
-    return RemoteError
-
-
-def _rebuild_remote(_name: str, cls: type, args: tuple, state: dict) -> RemoteError:
+def _rebuild_remote(cls: type, args: tuple, state: dict) -> RemoteError:
+    if cls is RemoteError:
+        cls = _dual_class(state.get("etype", "")) or RemoteError
     err = cls.__new__(cls)
     Exception.__init__(err, *args)
     err.__dict__.update(state)
     return err
 
 
+# -- remote errors that are also their original class ----------------------------------------
+_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: set on classes defined in Python
+_NOT_COMBINED = (StopIteration, StopAsyncIteration)
+_dual_classes: dict[type, type[RemoteError] | None] = {}
+
+
+def _dual_class(etype: str) -> type[RemoteError] | None:
+    """The ``(RemoteError, original)`` class for ``etype``, or None when there is none."""
+    original = _loaded_class(etype)
+    if original is None:
+        return None
+    if original not in _dual_classes:
+        _dual_classes.setdefault(original, _make_dual(original))
+    return _dual_classes[original]
+
+
+def _loaded_class(etype: str) -> type[BaseException] | None:
+    # Only what is already in sys.modules, read from __dict__s: never an import or a module
+    # __getattr__ (which may import) while an error is being handled.
+    parts = etype.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        obj: Any = sys.modules.get(".".join(parts[:i]))
+        for name in parts[i:] if obj is not None else ():
+            obj = getattr(obj, "__dict__", {}).get(name)
+            if obj is None:
+                break
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            return obj
+    return None
+
+
+def _make_dual(original: type[BaseException]) -> type[RemoteError] | None:
+    if (not issubclass(original, Exception) or issubclass(original, _NOT_COMBINED)
+            or issubclass(original, SshparError) or type(original) is not type
+            or any("__init_subclass__" in vars(c) for c in original.__mro__[:-1])):
+        return None  # not ours to combine, or creating a subclass would run its code
+    native = next(c for c in original.__mro__ if not c.__flags__ & _HEAPTYPE)
+    name = (original.__qualname__ if original.__module__ == "builtins"
+            else f"{original.__module__}.{original.__qualname__}")
+    namespace = {
+        "__module__": __name__,
+        "__qualname__": f"RemoteError[{name}]",
+        "__doc__": f"A {name} raised on an engine: a RemoteError that is also a {name}.",
+        "remote_class": original,
+        "_native_new": staticmethod(native.__new__),
+    }
+    try:
+        dual = type(f"Remote{original.__name__}", (RemoteError, original), namespace)
+        str(dual("probe", "probe"))  # lay-outs or constructors that cannot be shared fail here
+    except Exception:  # noqa: BLE001 - such a class simply stays a plain RemoteError
+        return None
+    return dual
+
+
 class CompositeError(RemoteError):
-    """Several engines raised; ``elist`` holds each engine's :class:`RemoteError`."""
+    """Several engines raised; ``elist`` holds each engine's :class:`RemoteError`.
+
+    ``str()`` and the rich rendering show the first :attr:`shown` errors in full and count
+    the rest; ``elist`` always has them all.
+    """
 
     #: How many engine errors ``str()`` and the rich rendering show in full.
     shown = 3
@@ -278,17 +385,31 @@ class CompositeError(RemoteError):
             message,
             first.traceback if first else "",
             first.engine_info if first else None,
+            etype=first.etype if first else "",
             frames=first.frames if first else (),
+            chain=first.chain if first else (),
         )
         self.args = (message,)
 
+    def hidden_summary(self) -> str:
+        """``"... and 4 more engine error(s): 3 ZeroDivisionError, 1 ValueError"``, or ``""``."""
+        hidden = self.elist[self.shown:]
+        if not hidden:
+            return ""
+        counts = collections.Counter(err.ename for err in hidden)
+        kinds = ", ".join(f"{n} {ename}" for ename, n in counts.most_common())
+        return f"... and {len(hidden)} more engine error(s): {kinds}"
+
     def __str__(self) -> str:
-        parts = [f"{self.evalue}"]
+        parts = [self.evalue]
         for err in self.elist[: self.shown]:
-            parts.append(f"[{err.engine_info or '?'}] {RemoteError.__str__(err)}")
-        rest = len(self.elist) - self.shown
-        if rest > 0:
-            parts.append(f"... and {rest} more engine error(s)")
+            where = f"[{err.engine_info}] " if err.engine_info is not None else ""
+            parts.append(f"{where}{err.headline()}")
+            text = err.traceback.rstrip()
+            if text:
+                parts.append(textwrap.indent(text, "    "))
+        if self.hidden_summary():
+            parts.append(self.hidden_summary())
         return "\n".join(parts)
 
     def __repr__(self) -> str:

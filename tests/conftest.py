@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.sshd import SSHServer, start_sshd
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sshpar_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Cluster files go to a private SSHPAR_HOME, never the user's ~/.sshpar."""
+    home = tmp_path_factory.mktemp("sshpar-home")
+    saved = os.environ.get("SSHPAR_HOME")
+    os.environ["SSHPAR_HOME"] = str(home)
+    yield home
+    if saved is None:
+        os.environ.pop("SSHPAR_HOME", None)
+    else:
+        os.environ["SSHPAR_HOME"] = saved
 
 
 @pytest.fixture(scope="session")

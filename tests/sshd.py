@@ -11,6 +11,7 @@ its SSH banner. The conftest fixtures wrap it; fault tests use `stop`, `restart`
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import shutil
@@ -120,9 +121,13 @@ class SSHServer:
         python: str = sys.executable,
         workdir: Path | None = None,
         extra: dict[str, Any] | None = None,
-        name: str = "test",
+        name: str | None = None,
     ) -> Path:
-        """Write a hosts file with one host, this server; `extra` adds or replaces defaults."""
+        """Write a hosts file with one host, this server; `extra` adds or replaces defaults.
+
+        The cluster `name` defaults to one unique to this file, so clusters never collide."""
+        if name is None:
+            name = "t-" + hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:10]
         defaults: dict[str, Any] = {
             "engines": engines,
             "python": python,

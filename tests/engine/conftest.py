@@ -110,10 +110,10 @@ class EngineLauncher:
             input=json.dumps(request) + "\n", capture_output=True, text=True,
             timeout=LAUNCH_TIMEOUT, check=False)
 
-    def launch(self, *, engines: int = 1, idle_timeout: float = 0,
-               cluster: str = "t") -> Launch:
+    def launch(self, *, engines: int = 1, idle_timeout: float = 0, cluster: str = "t",
+               workdir: Path | None = None) -> Launch:
         self._count += 1
-        workdir = self.base / f"w{self._count}"
+        workdir = workdir or self.base / f"w{self._count}"
         key = os.urandom(32)
         proc = self.run_launcher({"key": key.hex(), "cluster": cluster, "engines": engines,
                                   "workdir": str(workdir), "idle_timeout": idle_timeout})

@@ -298,6 +298,16 @@ RICH_HOMES = ("sshpar/_render.py", "sshpar/cli.py")
 RICH_LAZY_ONLY = ("sshpar/_progress.py",)  # AsyncResult.wait_interactive()'s progress bar
 
 
+def cli_helpers() -> set[str]:
+    """Files imported by sshpar/cli.py and by no other module: the command's own body."""
+    importers: dict[str, set[str]] = {}
+    for path in sshpar_files():
+        for imp in imports_of(path):
+            importers.setdefault(imp.module, set()).add(module_name(path))
+    return {rel(path) for path in sshpar_files()
+            if importers.get(module_name(path)) == {"sshpar.cli"}}
+
+
 @pytest.mark.parametrize("library", ["asyncssh", "paramiko"])
 def test_ssh_libraries_are_imported_only_under_transport(library: str) -> None:
     wrong = [f"{rel(path)}:{imp.lineno}"
@@ -306,12 +316,21 @@ def test_ssh_libraries_are_imported_only_under_transport(library: str) -> None:
     assert not wrong, f"{library} imported outside sshpar/_transport/: {wrong}"
 
 
-def test_rich_is_imported_only_by_render_and_cli() -> None:
+def test_rich_is_imported_only_by_render_and_the_cli() -> None:
+    homes = set(RICH_HOMES) | cli_helpers()
     wrong = [f"{rel(path)}:{imp.lineno} (lazy={imp.lazy})"
-             for path in sshpar_files() if rel(path) not in RICH_HOMES
+             for path in sshpar_files() if rel(path) not in homes
              for imp in imports_of(path) if top(imp.module) == "rich"
              and not (imp.lazy and rel(path) in RICH_LAZY_ONLY)]
-    assert not wrong, f"rich imported outside {RICH_HOMES}: {wrong}"
+    assert not wrong, f"rich imported outside {sorted(homes)}: {wrong}"
+
+
+def test_importing_sshpar_does_not_load_rich() -> None:
+    code = "import sys, sshpar; print(sorted(m for m in sys.modules if m.startswith('rich')))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
 
 
 def test_module_level_imports_have_no_cycles() -> None:
