@@ -127,6 +127,20 @@ class EngineChannel:
         finally:
             self._requests.pop(self._req, None)
 
+    async def fetch(self, rec: TaskRecord) -> str:
+        """Ask the engine for a task's result: "done" (it is on its way), "pending" (it
+        will come when finished) or "unknown"."""
+        self.pending[rec.msg_id] = rec
+        try:
+            reply = await self.request("fetch", msg_ids=[rec.msg_id])
+        except SshparError:
+            self.pending.pop(rec.msg_id, None)
+            raise
+        state = reply["found"].get(rec.msg_id, "unknown")
+        if state == "unknown":
+            self.pending.pop(rec.msg_id, None)
+        return state
+
     def _send_acks(self) -> None:
         acks, self._acks = self._acks, []
         if acks and self._sender is not None and self.state == "running":

@@ -76,6 +76,9 @@ class TaskRecord:
     def finish(self, meta: dict, payload: list, received: float, clock_offset: float) -> None:
         # Engine clocks differ from ours: shift by the offset measured at connect, then clamp
         # so that submitted <= started <= completed <= received always holds.
+        # A result fetched by a later client was submitted before this record existed.
+        if meta.get("queued_at"):
+            self.submitted = min(self.submitted, meta["queued_at"] - clock_offset)
         self.received = max(received, self.submitted)
         started = min(max(meta["started"] - clock_offset, self.submitted), self.received)
         completed = min(max(meta["completed"] - clock_offset, started), self.received)

@@ -117,6 +117,39 @@ class Client:
         """Every engine this client knows (running or not): id, host, pid, uuid."""
         return {i: ch.info for i, ch in sorted(self._cluster.engines.items())}
 
+    def engine_status(self, timeout: float = 10.0) -> dict[int, dict[str, Any]]:
+        """Each engine's state as the engine reports it, asked now.
+
+        Keys: id, host, pid, uuid, state ("idle", "busy", "lost"), queued, done, unacked,
+        clients, uptime (s), python ("3.11.7"), executable.
+        """
+        return self._io.run(self._status(timeout), timeout + 5, what="asking engines")
+
+    async def _status(self, timeout: float) -> dict[int, dict[str, Any]]:
+        import asyncio
+
+        channels = sorted(self._cluster.engines.values(), key=lambda c: c.engine_id)
+
+        async def one(ch: EngineChannel) -> dict[str, Any]:
+            row: dict[str, Any] = {"id": ch.engine_id, "host": ch.info.host, "pid": ch.info.pid,
+                                   "uuid": ch.info.uuid, "state": "lost"}
+            if ch.state != "running":
+                return row
+            try:
+                info = await ch.request("info", timeout=timeout)
+            except Exception as exc:  # noqa: BLE001 - reported as the engine's state
+                row["error"] = str(exc)
+                return row
+            row.update(state="busy" if info["busy"] else "idle", queued=info["queued"],
+                       done=info["done"], unacked=info["unacked"], clients=info["clients"],
+                       uptime=max(0.0, info["time"] - info["started"]),
+                       python=".".join(map(str, info["python"])),
+                       executable=info["executable"])
+            return row
+
+        rows = await asyncio.gather(*(one(ch) for ch in channels))
+        return {row["id"]: row for row in rows}
+
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -201,6 +234,33 @@ class Client:
             if not ar.wait(left):
                 return False
         return True
+
+    def get_result(self, msg_id: str, *, block: bool = False,
+                   timeout: float | None = None) -> AsyncResult | Any:
+        """The AsyncResult of a task submitted earlier, by this or any earlier client.
+
+        Results stay on the engine until a client has received them, so a task that finished
+        while no client was connected can be fetched here.
+
+        Raises:
+            KeyError: no engine knows ``msg_id``.
+        """
+        ar = self._results.get(msg_id)
+        if ar is None:
+            ar = self._io.run(self._fetch(msg_id), 30, what=f"fetching {msg_id}")
+            self._results[msg_id] = ar
+        return ar.get(timeout) if block else ar
+
+    async def _fetch(self, msg_id: str) -> AsyncResult:
+        for ch in self._cluster.engines.values():
+            if ch.state != "running":
+                continue
+            rec = TaskRecord(msg_id, ch.info, time.time())
+            if await ch.fetch(rec) != "unknown":
+                return AsyncResult([rec], single=True, fname="get_result")
+        lost = [str(ch.info) for ch in self._cluster.engines.values() if ch.state != "running"]
+        extra = f" (unreachable: {', '.join(lost)})" if lost else ""
+        raise KeyError(f"no engine has a task {msg_id!r}{extra}")
 
     # -- lifecycle --------------------------------------------------------------------------
     def shutdown(self) -> None:

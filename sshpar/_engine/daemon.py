@@ -71,6 +71,7 @@ class Daemon:
         self._idle_handle: asyncio.TimerHandle | None = None
         self._stopping = False
         self.started_at = time.time()
+        self.done_count = 0
 
     # -- main thread ----------------------------------------------------------------------
     def serve(self) -> None:
@@ -129,6 +130,7 @@ class Daemon:
             if what == "result":
                 self.queued.pop(task.msg_id, None)
                 self.results[task.msg_id] = task
+                self.done_count += 1
                 self._send_output(task)
                 self._send_result(task, task.owner)
             else:
@@ -220,7 +222,10 @@ class Daemon:
             "time": time.time(),
             "started": self.started_at,
             "queued": len(self.queued),
+            "busy": self.executor.current is not None,
+            "done": self.done_count,
             "unacked": len(self.results),
+            "clients": len(self.conns),
         }
 
     def _dispatch(self, frame: _wire.Frame, conn: Connection) -> None:
@@ -228,6 +233,7 @@ class Daemon:
         if frame.kind is _wire.Kind.TASK:
             msg_id = meta["msg_id"]
             task = Task(msg_id, meta, frame.payload, conn, self._on_output)
+            task.queued_at = time.time()
             self.queued[msg_id] = task
             self.tasks.put(task)
         elif frame.kind is _wire.Kind.CONTROL:
@@ -245,6 +251,24 @@ class Daemon:
             self.loop.create_task(self._shutdown(conn))
         elif op == "info":
             conn.send(_wire.Kind.REPLY, {"op": "info", "req": meta.get("req"), **self.info()})
+        elif op == "fetch":
+            found = {}
+            for msg_id in meta.get("msg_ids", ()):
+                if msg_id in self.results:
+                    task = self.results[msg_id]
+                    task.owner = conn
+                    self._send_result(task, conn)
+                    found[msg_id] = "done"
+                elif msg_id in self.queued:
+                    task = self.queued[msg_id]
+                    task.owner = conn           # its result now goes to this client
+                    task.sent = {"stdout": 0, "stderr": 0}
+                    self._send_output(task)
+                    found[msg_id] = "pending"
+                else:
+                    found[msg_id] = "unknown"
+            conn.send(_wire.Kind.REPLY, {"op": "fetch", "req": meta.get("req"),
+                                         "found": found})
         else:
             conn.send(_wire.Kind.REPLY, {"op": op, "req": meta.get("req"),
                                          "error": f"unknown control operation {op!r}"})

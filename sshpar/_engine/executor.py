@@ -83,7 +83,7 @@ class Task:
 
     __slots__ = ("msg_id", "meta", "payload", "owner", "stdout", "stderr", "sent",
                  "started", "completed", "status", "error", "result", "result_type",
-                 "aborted")
+                 "aborted", "queued_at")
 
     def __init__(self, msg_id: str, meta: dict, payload: list, owner: Any,
                  on_output: Callable[["Task"], None]) -> None:
@@ -101,11 +101,13 @@ class Task:
         self.result: list = []
         self.result_type = ""
         self.aborted = False
+        self.queued_at = 0.0
 
     def result_meta(self) -> dict:
         return {
             "msg_id": self.msg_id,
             "status": self.status,
+            "queued_at": self.queued_at,
             "started": self.started,
             "completed": self.completed,
             "stdout": self.stdout.getvalue(),
