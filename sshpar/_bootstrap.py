@@ -32,7 +32,8 @@ _PKG = Path(__file__).resolve().parent
 #: The modules engines run. They import only the stdlib and cloudpickle (a test checks).
 ENGINE_MODULES = ("errors.py", "_wire.py", "_serialize.py", "_markers.py",
                   "_engine/__init__.py", "_engine/executor.py", "_engine/daemon.py",
-                  "_engine/launcher.py", "_engine/relay.py", "_engine/ops.py")
+                  "_engine/launcher.py", "_engine/relay.py", "_engine/ops.py",
+                  "_engine/nanny.py")
 _STUB_INIT = b'"""sshpar, engine side: only the modules engines need."""\n'
 _EPOCH = (2020, 1, 1, 0, 0, 0)
 LAUNCH_TIMEOUT = 60.0
@@ -75,6 +76,7 @@ def build_bundle() -> Bundle:
 class StartedEngine:
     uuid: str
     pid: int
+    nanny: int
     socket: str
     log: str
 
@@ -126,7 +128,8 @@ async def launch(transport: Transport, spec: HostSpec, *, cluster: str, key: byt
              f'[ -f "$B" ] || {{ echo {_NEED_BUNDLE}; exit 0; }}\n'
              f"exec {spec.python} \"$B\" launch {version}")
     request = json.dumps({"key": key.hex(), "cluster": cluster, "engines": engines,
-                          "workdir": spec.workdir, "idle_timeout": spec.idle_timeout})
+                          "workdir": spec.workdir, "idle_timeout": spec.idle_timeout,
+                          "restart": spec.restart, "restart_limit": spec.restart_limit})
     result = await transport.run(check, input=request.encode() + b"\n", timeout=timeout)
     if result.stdout.startswith(_NEED_BUNDLE.encode()):
         await upload_bundle(transport, spec, bundle, timeout=timeout)
@@ -156,8 +159,8 @@ def _parse_launch(spec: HostSpec, result, bundle: Bundle, version: str) -> Launc
         if line.startswith("SSHPAR-READY "):
             doc = json.loads(line[len("SSHPAR-READY "):])
             return LaunchReport(
-                engines=tuple(StartedEngine(e["uuid"], e["pid"], e["socket"], e["log"])
-                              for e in doc["engines"]),
+                engines=tuple(StartedEngine(e["uuid"], e["pid"], e["nanny"], e["socket"],
+                                            e["log"]) for e in doc["engines"]),
                 python=tuple(doc["python"]), executable=doc["executable"],
                 hostname=doc["hostname"], runtime_dir=doc["runtime_dir"])
         if line.startswith("SSHPAR-ERROR "):

@@ -135,7 +135,7 @@ def _render_stack(stack: RemoteStack) -> Iterator[RenderableType]:
                              re.MULTILINE))
     if found:
         before = text[:found[-1].start()].rstrip()
-        rest = text[found[-1].start():]
+        rest = text[found[-1].start():].removeprefix("  | ")
         after = rest[len(stack.headline):].strip("\n") if rest.startswith(stack.headline) else ""
     if stack.frames:
         yield Text(_TB_HEADER, style="dim")
@@ -159,10 +159,20 @@ def _render_frames(frames: tuple[RemoteFrame, ...]) -> Iterator[RenderableType]:
             if index == hidden.start:
                 yield Text(f"... {len(hidden)} frames hidden ...", style="dim", justify="center")
             continue
+        if index:
+            yield Text("")
         yield Text.assemble(("  File ", "dim"), (f'"{frame.filename}"', "magenta"),
                             (", line ", "dim"), (str(frame.lineno), "cyan"), (", in ", "dim"),
                             (frame.name, "green"))
-        code, start = "\n".join(frame.lines), frame.start
+        # Context: the engine's lines before the error line, and after it up to a blank line.
+        lines, start = list(frame.lines), frame.start
+        after = lines[frame.lineno - start + 1:]
+        cut = next((i for i, ln in enumerate(after) if not ln.strip()), len(after))
+        lines = lines[:max(frame.lineno - start + 1 + cut, 0)]
+        while lines and not lines[0].strip() and start < frame.lineno:
+            lines.pop(0)
+            start += 1
+        code = "\n".join(lines)
         if not code.strip():
             code, start = frame.line, frame.lineno
         if code.strip():

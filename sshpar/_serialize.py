@@ -37,7 +37,9 @@ def dumps(obj: Any, *, what: str = "object") -> list:
 
 def loads(segments: Sequence[Any]) -> Any:
     """Rebuild an object from the segments :func:`dumps` produced."""
-    return pickle.loads(segments[0], buffers=segments[1:])
+    # Buffers must be writable, or numpy arrays rebuilt on them come out read-only.
+    buffers = [bytearray(b) if isinstance(b, bytes) else b for b in segments[1:]]
+    return pickle.loads(segments[0], buffers=buffers)
 
 
 def describe_type(obj: Any) -> str:

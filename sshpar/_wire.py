@@ -18,6 +18,7 @@ loader that refuses every class, so reading it never runs code.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import hmac
@@ -224,7 +225,12 @@ async def client_handshake(reader: Reader, writer: Writer, key: bytes,
     nonce_c = os.urandom(NONCE_SIZE)
     writer.write(nonce_c + _derive(key, b"client", nonce_s, nonce_c))
     await writer.drain()
-    proof = await reader.readexactly(MAC_SIZE)
+    try:
+        proof = await reader.readexactly(MAC_SIZE)
+    except asyncio.IncompleteReadError:
+        raise ProtocolError("the engine closed the connection during the handshake: it did "
+                            "not accept this client's cluster key (a stale cluster file?)"
+                            ) from None
     if not hmac.compare_digest(proof, _derive(key, b"server", nonce_s, nonce_c)):
         raise ProtocolError("engine did not prove the cluster key")
     c2s, s2c = _handshake_keys(key, nonce_s, nonce_c)

@@ -304,7 +304,7 @@ class RemoteError(SshparError):
         return (_rebuild_remote, (cls, self.args, dict(self.__dict__)))
 
 
-def _rebuild_remote(cls: type, args: tuple, state: dict) -> RemoteError:
+def _rebuild_remote(cls: type[RemoteError], args: tuple, state: dict) -> RemoteError:
     if cls is RemoteError:
         cls = _dual_class(state.get("etype", "")) or RemoteError
     err = cls.__new__(cls)

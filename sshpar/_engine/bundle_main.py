@@ -22,6 +22,9 @@ def _main():
             sys.exit(3)
         from sshpar._engine import launcher
         launcher.main(args[2:])
+    elif cmd == "nanny":
+        from sshpar._engine import nanny
+        nanny.main()
     elif cmd == "engine":
         from sshpar._engine import daemon
         daemon.main()

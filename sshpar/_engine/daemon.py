@@ -162,6 +162,10 @@ class Daemon:
             self._idle_handle = self.loop.call_later(self.idle_timeout, self._idle_exit)
 
     def _idle_exit(self) -> None:
+        self._idle_handle = None
+        if self.queued:  # work in progress keeps the engine alive; check again later
+            self._arm_idle()
+            return
         if not self.conns:
             log.info("no client for %.0f s: exiting", self.idle_timeout)
             self._remove_socket()
@@ -231,7 +235,9 @@ class Daemon:
     def _dispatch(self, frame: _wire.Frame, conn: Connection) -> None:
         meta = frame.meta
         if frame.kind is _wire.Kind.TASK:
-            msg_id = meta["msg_id"]
+            msg_id = meta.get("msg_id")
+            if not isinstance(msg_id, str) or not frame.payload:
+                raise ProtocolError("TASK frame without a msg_id or payload")
             task = Task(msg_id, meta, frame.payload, conn, self._on_output)
             task.queued_at = time.time()
             self.queued[msg_id] = task
@@ -243,6 +249,9 @@ class Daemon:
 
     def _control(self, meta: dict, conn: Connection) -> None:
         op = meta.get("op")
+        ids = meta.get("msg_ids", [])
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ProtocolError(f"CONTROL {op!r} with malformed msg_ids")
         if op == "ack":
             for msg_id in meta.get("msg_ids", ()):
                 self.results.pop(msg_id, None)
@@ -308,6 +317,7 @@ def main() -> None:
     sock.listen(64)
     daemon = Daemon(conf, key, sock)
     ready_fd = int(conf["ready_fd"])
-    os.write(ready_fd, (json.dumps(daemon.info()) + "\n").encode())
-    os.close(ready_fd)
+    if ready_fd >= 0:  # the first start of this engine: tell the launcher we are up
+        os.write(ready_fd, (json.dumps(daemon.info()) + "\n").encode())
+        os.close(ready_fd)
     daemon.serve()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -57,15 +58,23 @@ def main(argv: list[str]) -> None:
     os.umask(0o077)
     conf = json.loads(sys.stdin.readline())
     workdir = os.path.abspath(os.path.expanduser(conf["workdir"]))
-    private_dir(workdir)
+    os.makedirs(workdir, mode=0o700, exist_ok=True)  # an existing one keeps its mode
     run_dir = runtime_dir(workdir, conf["cluster"])
     log_dir = private_dir(os.path.join(workdir, "logs"))
     count = conf.get("engines") or _cpus()
     bundle = os.path.abspath(sys.argv[0])
-    started = []
-    for _ in range(int(count)):
-        started.append(spawn(conf, bundle, run_dir, log_dir))
-    engines = [wait_ready(*s) for s in started]
+    started = [spawn(conf, bundle, run_dir, log_dir) for _ in range(int(count))]
+    deadline = time.monotonic() + READY_TIMEOUT
+    try:
+        engines = [wait_ready(*s, deadline=deadline) for s in started]
+    except StartFailed as exc:
+        # Leave nothing behind: stop every engine of this launch, started or not.
+        for proc, *_ in started:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except OSError:
+                pass
+        fail(exc.kind, exc.message, log=exc.log)
     sys.stdout.write("SSHPAR-READY " + json.dumps({
         "engines": engines,
         "python": list(sys.version_info[:3]),
@@ -78,54 +87,60 @@ def main(argv: list[str]) -> None:
 
 
 def spawn(conf: dict, bundle: str, run_dir: str, log_dir: str) -> tuple:
+    """Start one engine under its nanny, detached in a session of its own."""
     engine_uuid = uuid.uuid4().hex[:16]
     sock = os.path.join(run_dir, f"{engine_uuid}.sock")
     log_path = os.path.join(log_dir, f"engine-{engine_uuid}.log")
     r, w = os.pipe()
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(
-            [sys.executable, bundle, "engine"],
+            [sys.executable, bundle, "nanny"],
             stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT,
             pass_fds=(w,), start_new_session=True, close_fds=True,
         )
     os.close(w)
-    engine_conf = {
+    nanny_conf = {
         "uuid": engine_uuid,
         "socket": sock,
         "key": conf["key"],
         "cluster": conf["cluster"],
         "idle_timeout": conf.get("idle_timeout", 3600),
+        "restart": conf.get("restart", "no"),
+        "restart_limit": conf.get("restart_limit", 0),
         "ready_fd": w,
         "log": log_path,
+        "bundle": bundle,
     }
     assert proc.stdin is not None
-    proc.stdin.write((json.dumps(engine_conf) + "\n").encode())
+    proc.stdin.write((json.dumps(nanny_conf) + "\n").encode())
     proc.stdin.close()
     return proc, r, engine_uuid, sock, log_path
 
 
 def wait_ready(proc: subprocess.Popen, r: int, engine_uuid: str, sock: str,
-               log_path: str) -> dict:
-    deadline = time.monotonic() + READY_TIMEOUT
+               log_path: str, deadline: float) -> dict:
     data = b""
     while not data.endswith(b"\n"):
         left = deadline - time.monotonic()
         if left <= 0:
-            proc.kill()
-            fail("timeout", f"engine {engine_uuid} did not report ready within "
-                 f"{READY_TIMEOUT:.0f} s", log=_tail(log_path))
+            raise StartFailed("timeout", f"engine {engine_uuid} did not report ready within "
+                              f"{READY_TIMEOUT:.0f} s", _tail(log_path))
         ready, _, _ = select.select([r], [], [], left)
         if ready:
             chunk = os.read(r, 4096)
             if not chunk:
-                proc.wait(5)
-                fail("engine", f"engine exited during start (exit {proc.returncode})",
-                     log=_tail(log_path))
+                raise StartFailed("engine", "engine exited during start", _tail(log_path))
             data += chunk
     os.close(r)
     info = json.loads(data)
-    return {"uuid": engine_uuid, "pid": proc.pid, "socket": sock, "log": log_path,
-            "started": info.get("started")}
+    return {"uuid": engine_uuid, "pid": info["pid"], "nanny": proc.pid, "socket": sock,
+            "log": log_path, "started": info.get("started")}
+
+
+class StartFailed(Exception):
+    def __init__(self, kind: str, message: str, log: str) -> None:
+        super().__init__(message)
+        self.kind, self.message, self.log = kind, message, log
 
 
 def _cpus() -> int:

@@ -79,10 +79,10 @@ def imports_of(path: Path) -> list[Import]:
                 else:
                     found.append(Import(target, node.lineno, lazy, tc))
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            for sub in node.body:
-                visit(sub, lazy, True)
-            for sub in node.orelse:
-                visit(sub, lazy, tc)
+            for stmt in node.body:
+                visit(stmt, lazy, True)
+            for stmt in node.orelse:
+                visit(stmt, lazy, tc)
             return
         inner_lazy = lazy or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
                                                ast.Lambda))
@@ -149,15 +149,15 @@ def test_every_engine_source_file_is_shipped() -> None:
 def test_cloudpickle_source_shipped_imports_only_stdlib() -> None:
     wrong = []
     for path in sorted(CLOUDPICKLE_DIR.glob("*.py")):
-        for imp in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(imp, ast.Import):
-                names = [a.name for a in imp.names]
-            elif isinstance(imp, ast.ImportFrom) and not imp.level:
-                names = [imp.module or ""]
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
             for name in names:
                 if top(name) not in sys.stdlib_module_names and top(name) != "cloudpickle":
-                    wrong.append(f"{path.name}:{imp.lineno} imports {name}")
+                    wrong.append(f"{path.name}:{getattr(node, 'lineno', '?')} imports {name}")
     # Optional imports guarded by try/except would show here too; there are none today.
     assert not wrong, wrong
 
