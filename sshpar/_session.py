@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import linecache
 import logging
 import os
 import shlex
@@ -61,6 +62,7 @@ class EngineChannel:
         self._sender: _wire.FrameSender | None = None
         self._writer: Any = None
         self._reader_task: asyncio.Task | None = None
+        self._sent_sources: dict[str, int] = {}
         self.loop = asyncio.get_running_loop()
 
     @property
@@ -89,6 +91,21 @@ class EngineChannel:
         self._sender = _wire.FrameSender(codec, writer)
         self.state = "running"
         self._reader_task = asyncio.ensure_future(self._read_loop(reader, codec))
+
+    def sources_for(self, files: set[str] | frozenset[str]) -> dict[str, str]:
+        """Source text of ``files`` this engine has not been sent yet (for tracebacks of
+        functions sent by value: the engine may not have the file, or another version)."""
+        out = {}
+        for name in files:
+            lines = linecache.getlines(name)
+            if not lines:
+                continue
+            text = "".join(lines)
+            digest = hash(text)
+            if self._sent_sources.get(name) != digest:
+                self._sent_sources[name] = digest
+                out[name] = text
+        return out
 
     # -- submitting (any thread) ------------------------------------------------------------
     def submit(self, rec: TaskRecord, meta: dict, payload: list) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 from ._loop import LoopThread
 from ._session import Cluster, EngineChannel, new_key
 from .asyncresult import AsyncResult, TaskRecord
-from . import _clusterfile
+from . import _clusterfile, _render
 from .config import ClusterSpec, load_hosts
 from .errors import ConfigError, EngineInfo, NoEnginesError
 from .view import DirectView, Targets
@@ -67,6 +67,7 @@ class Client:
             self._io.stop()
             raise
         self._closed = False
+        _render.install_excepthook()
         self.start_errors: dict[str, BaseException] = dict(self._cluster.start_errors)
         # At interpreter exit, disconnect cleanly (engines keep running, as with close()).
         ref = weakref.ref(self)
@@ -203,7 +204,8 @@ class Client:
     # -- submitting -------------------------------------------------------------------------
     def _submit(self, ids: Sequence[int], single: bool, payloads: Sequence[list], *,
                 fname: str, postprocess: Any = None,
-                result_class: type[AsyncResult] = AsyncResult) -> AsyncResult:
+                result_class: type[AsyncResult] = AsyncResult,
+                code_files: set[str] | frozenset[str] = frozenset()) -> AsyncResult:
         """Send one task per engine (``payloads[i]`` to ``ids[i]``); never blocks."""
         if self._closed:
             raise NoEnginesError("this client is closed")
@@ -218,7 +220,11 @@ class Client:
         for rec in records:
             self._results[rec.msg_id] = ar
         for ch, rec, payload in zip(channels, records, payloads):
-            ch.submit(rec, {"msg_id": rec.msg_id}, payload)
+            meta: dict[str, Any] = {"msg_id": rec.msg_id}
+            sources = ch.sources_for(code_files) if code_files else None
+            if sources:
+                meta["sources"] = sources
+            ch.submit(rec, meta, payload)
         return ar
 
     def wait(self, jobs: Sequence[AsyncResult] | None = None,

@@ -77,9 +77,10 @@ class DirectView:
         if not ids:
             raise NoEnginesError("this view has no engines to run on")
         name = fname or getattr(f, "__name__", type(f).__name__)
-        payload = _pickle_call(f, args, kwargs, name)
+        files: set[str] = set()
+        payload = _pickle_call(f, args, kwargs, name, files)
         ar = self.client._submit(ids, single, [payload] * len(ids), fname=name,
-                                 postprocess=postprocess)
+                                 postprocess=postprocess, code_files=files)
         return ar.get() if self._is_blocking(block) else ar
 
     def apply(self, f: Callable, /, *args: Any, **kwargs: Any) -> Any:
@@ -173,9 +174,10 @@ class DirectView:
                   postprocess: Callable[[Any], Any] | None = None,
                   result_class: type[AsyncResult] = AsyncResult) -> Any:
         """Call ``f(*per_engine[i])`` on engine ``ids[i]``: one payload each."""
-        payloads = [_pickle_call(f, args, {}, fname) for args in per_engine]
+        files: set[str] = set()
+        payloads = [_pickle_call(f, args, {}, fname, files) for args in per_engine]
         ar = self.client._submit(ids, single, payloads, fname=fname, postprocess=postprocess,
-                                 result_class=result_class)
+                                 result_class=result_class, code_files=files)
         return ar.get() if self._is_blocking(block) else ar
 
     def map(self, f: Callable, *sequences: Any, block: bool | None = None) -> Any:
@@ -291,11 +293,13 @@ def _none(_: Any) -> None:
     return None
 
 
-def _pickle_call(f: Callable, args: tuple, kwargs: dict, name: str) -> list:
+def _pickle_call(f: Callable, args: tuple, kwargs: dict, name: str,
+                 code_files: set[str]) -> list:
     if not callable(f):
         raise TypeError(f"apply() needs a callable, got {type(f).__name__}")
     try:
-        return _serialize.dumps((f, args, kwargs), what=f"the call to {name}")
+        return _serialize.dumps((f, args, kwargs), what=f"the call to {name}",
+                                code_files=code_files)
     except SerializationError as exc:
         # Name the culprit: the function, or which argument.
         parts: list[tuple[str, Any]] = [(f"the function {name}", f)]

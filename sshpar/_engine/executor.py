@@ -131,6 +131,8 @@ class Executor:
     def run(self, task: Task) -> None:
         self.current = task
         task.started = time.time()
+        for filename, text in (task.meta.get("sources") or {}).items():
+            linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = task.stdout, task.stderr
         try:

@@ -28,7 +28,7 @@ def record_of(exc_factory) -> dict:
     """Raise what ``exc_factory`` builds (chained as it likes) and describe it like an engine."""
     try:
         exc_factory()
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - an engine reports whatever was raised
         return error_record(exc)
     raise AssertionError("did not raise")
 
@@ -77,7 +77,7 @@ def test_dual_classes_are_cached() -> None:
 
 
 def test_os_errors_are_caught_by_their_family() -> None:
-    err = RemoteError.from_record(record_of(lambda: open("/nonexistent/sshpar/x")), INFO)
+    err = RemoteError.from_record(record_of(lambda: Path("/nonexistent/sshpar/x").read_text()), INFO)
     assert isinstance(err, FileNotFoundError) and isinstance(err, OSError)
     assert err.errno is None  # the class only, not the remote object's attributes
     assert "No such file or directory" in str(err)
@@ -137,6 +137,27 @@ def test_remote_interrupts_and_stop_iteration_stay_plain(name: str) -> None:
     assert not isinstance(err, getattr(builtins, name))
     with pytest.raises(RemoteError):
         raise err
+
+
+def test_classes_whose_subclassing_runs_code_stay_plain(monkeypatch) -> None:
+    subclassed = []
+
+    class Registered(Exception):
+        def __init_subclass__(cls, **kw) -> None:
+            subclassed.append(cls)
+
+    class Meta(type):
+        pass
+
+    class WithMeta(Exception, metaclass=Meta):
+        pass
+
+    for cls in (Registered, WithMeta):
+        cls.__qualname__ = cls.__name__
+        monkeypatch.setattr(sys.modules[__name__], cls.__name__, cls, raising=False)
+        err = RemoteError.from_record(fake(f"{__name__}.{cls.__name__}"), INFO)
+        assert type(err) is RemoteError
+    assert subclassed == []
 
 
 def test_classes_that_cannot_be_combined_fall_back_silently() -> None:

@@ -49,10 +49,10 @@ def run_on_engine(call: str, source: str = JOB, filename: str = REMOTE_FILE) -> 
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     try:
         namespace: dict = {"__name__": "__main__"}
-        exec(compile(source, filename, "exec"), namespace)
+        exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - the engine runs it
         try:
             eval(call, namespace)  # a "<string>" frame: one without source lines
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - an engine reports whatever was raised
             return error_record(exc)
         raise AssertionError(f"{call} did not raise")
     finally:
@@ -77,6 +77,7 @@ def test_renders_title_frames_engine_source_and_exception() -> None:
     assert f'File "{REMOTE_FILE}", line 3, in divide' in out
     assert re.search(r"❱ 3 │ *return x / y  # the engine's line", out)  # the error line
     assert re.search(r" 2 │ *y = x - x", out)  # context the engine sent
+    assert "def convert" not in out  # context after the error line stops at a blank line
     assert "ZeroDivisionError: division by zero" in out
     assert "Traceback (most recent call last):" in out
 
@@ -123,6 +124,15 @@ def test_syntax_error_shows_where_it_points() -> None:
     assert 'File "<execute-1>", line 1' in out
     assert "1 +" in out and "^" in out
     assert "SyntaxError: invalid syntax" in out
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="notes and groups are 3.11+")
+def test_notes_and_group_members_are_shown() -> None:
+    source = ("def group():\n    err = ValueError('member')\n    err.add_note('a note')\n"
+              "    raise ExceptionGroup('several', [err, KeyError('k')])\n")
+    out = render(remote_error("group()", source=source))
+    assert "ExceptionGroup: several (2 sub-exceptions)" in out
+    assert "| ValueError: member" in out and "| a note" in out and "| KeyError: 'k'" in out
 
 
 def test_error_without_frames_shows_its_text() -> None:
@@ -236,3 +246,22 @@ def test_excepthook_falls_through_when_stderr_is_not_a_terminal(monkeypatch, hoo
     sys.excepthook(type(err), err, None)
     assert hook_calls == [(type(err), err, None)]
     assert sys.stderr.getvalue() == ""
+
+
+def test_ipython_shows_the_remote_rendering(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("IPython")
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path))  # its history and profile go here
+    shell = InteractiveShell.instance()
+    try:
+        shell.user_ns["err"] = remote_error("convert(2)")
+        with capture_output() as captured:
+            shell.run_cell("raise err")
+    finally:
+        InteractiveShell.clear_instance()
+    out = ANSI.sub("", captured.stdout)
+    assert "RemoteError from engine 3 on node1 (pid 4242)" in out
+    assert "return x / y  # the engine's line" in out
+    assert "ValueError: cannot convert 2" in out
