@@ -159,8 +159,7 @@ async def _connect(transport: Transport, spec: HostSpec) -> Probe:
     except HostError as exc:
         kind = next((k for cls, k in _CONNECT_KINDS if isinstance(exc, cls)), "failed")
         return _failed("connect", exc, kind)
-    what = "local (no SSH)" if spec.transport == "local" else "ok"
-    return Probe("connect", Status.OK, what)
+    return Probe("connect", Status.OK, "local" if spec.transport == "local" else "ok")
 
 
 async def _python(transport: Transport, spec: HostSpec) -> list[Probe]:
@@ -177,16 +176,16 @@ async def _python(transport: Transport, spec: HostSpec) -> list[Probe]:
                         hint=f"set `python:` (or `setup:`) for {spec.host} in the hosts file")
         return [_failed("python", exc, "not found")]
     executable, version = lines[-2], lines[-1]
-    python = Probe("python", Status.OK, f"{version} {executable}",
+    python = Probe("python", Status.OK, version,
                    value={"executable": executable, "version": version})
     ours = f"{sys.version_info[0]}.{sys.version_info[1]}"
     theirs = ".".join(version.split(".")[:2])
     if theirs == ours:
-        return [python, Probe("version", Status.OK, f"{theirs} = {ours}", value=True)]
+        return [python, Probe("version", Status.OK, "ok", value=True)]
     exc = HostError(spec.label, f"remote Python {version} differs from this client's "
                     f"{sys.version.split()[0]} (minor versions must match)",
                     hint=f"set `python:` for {spec.host} to a Python {ours} interpreter")
-    return [python, Probe("version", Status.FAIL, f"{theirs} ≠ {ours}", str(exc), False)]
+    return [python, Probe("version", Status.FAIL, f"{theirs}, need {ours}", str(exc), False)]
 
 
 async def _streamlocal(transport: Transport, spec: HostSpec) -> Probe:
@@ -209,7 +208,7 @@ async def _streamlocal(transport: Transport, spec: HostSpec) -> Probe:
             sock_reader, sock_writer = await asyncio.wait_for(
                 transport.open_unix(path), COMMAND_TIMEOUT)
         except ForwardingRefused as exc:
-            return Probe("streamlocal", Status.WARN, "refused (relay)",
+            return Probe("streamlocal", Status.WARN, "refused",
                          f"{spec.label}: sshd refuses streamlocal forwarding ({exc}); "
                          "sshpar relays through an exec channel instead (slightly slower) — "
                          "`AllowStreamLocalForwarding yes` in sshd_config allows it",
@@ -262,5 +261,5 @@ async def _latency(transport: Transport) -> Probe:
     except Exception as exc:  # noqa: BLE001 - a warning either way; say what happened
         return Probe("latency", Status.WARN, "unknown", f"could not measure: {exc}")
     rtt, cmd = statistics.median(rtts) * 1e3, statistics.median(runs) * 1e3
-    return Probe("latency", Status.OK, f"{rtt:.2f} ms (command {cmd:.0f} ms)",
+    return Probe("latency", Status.OK, f"{rtt:.2f} ms",
                  value={"rtt_ms": round(rtt, 3), "command_ms": round(cmd, 3)})

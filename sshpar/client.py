@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 from ._loop import LoopThread
 from ._session import Cluster, EngineChannel, new_key
 from .asyncresult import AsyncResult, TaskRecord
-from . import _clusterfile, _render
+from . import _clusterfile
 from .config import ClusterSpec, load_hosts
 from .errors import ConfigError, EngineInfo, NoEnginesError
 from .view import DirectView, Targets
@@ -67,6 +67,8 @@ class Client:
             self._io.stop()
             raise
         self._closed = False
+        from . import _render  # rich loads only once a client exists
+
         _render.install_excepthook()
         self.start_errors: dict[str, BaseException] = dict(self._cluster.start_errors)
         # At interpreter exit, disconnect cleanly (engines keep running, as with close()).
