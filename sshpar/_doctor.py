@@ -29,6 +29,7 @@ from .errors import (
     HostError,
     HostKeyError,
     HostUnreachableError,
+    PythonVersionError,
     SshparError,
 )
 
@@ -170,11 +171,12 @@ async def _python(transport: Transport, spec: HostSpec) -> list[Probe]:
         return [_failed("python", exc)]
     lines = result.stdout.decode("utf-8", "replace").split()
     if result.exit_status != 0 or len(lines) < 2:
-        err = result.stderr_text.strip().splitlines()
-        exc = HostError(spec.label, f"could not run {spec.python!r} (exit "
-                        f"{result.exit_status}){': ' + err[-1] if err else ''}",
-                        hint=f"set `python:` (or `setup:`) for {spec.host} in the hosts file")
-        return [_failed("python", exc, "not found")]
+        last = (result.stderr_text.strip().splitlines() or [""])[-1]
+        failure = HostError(spec.label, f"could not run {spec.python!r} (exit "
+                            f"{result.exit_status}){': ' + last if last else ''}",
+                            hint=f"set `python:` (or `setup:`) for {spec.host} in the hosts file")
+        return [_failed("python", failure,
+                        "not found" if result.exit_status == 127 else "failed")]
     executable, version = lines[-2], lines[-1]
     python = Probe("python", Status.OK, version,
                    value={"executable": executable, "version": version})
@@ -182,10 +184,11 @@ async def _python(transport: Transport, spec: HostSpec) -> list[Probe]:
     theirs = ".".join(version.split(".")[:2])
     if theirs == ours:
         return [python, Probe("version", Status.OK, "ok", value=True)]
-    exc = HostError(spec.label, f"remote Python {version} differs from this client's "
-                    f"{sys.version.split()[0]} (minor versions must match)",
-                    hint=f"set `python:` for {spec.host} to a Python {ours} interpreter")
-    return [python, Probe("version", Status.FAIL, f"{theirs}, need {ours}", str(exc), False)]
+    mismatch = PythonVersionError(
+        spec.label, f"remote Python {version} differs from this client's "
+        f"{sys.version.split()[0]} (minor versions must match)",
+        hint=f"set `python:` for {spec.host} to a Python {ours} interpreter")
+    return [python, Probe("version", Status.FAIL, f"{theirs}, need {ours}", str(mismatch), False)]
 
 
 async def _streamlocal(transport: Transport, spec: HostSpec) -> Probe:

@@ -1,36 +1,25 @@
-"""The asyncio core: hosts, their engines, and one framed channel per engine.
+"""The asyncio core: the cluster, its hosts, and the supervision that keeps engines reachable.
 
-Layer: core. Imports config, errors, _wire, _transport, _bootstrap, asyncresult (records).
-Everything here runs in the loop thread, except the ``submit`` entry points, which are
-thread-safe and only hand work over.
+Layer: core. Imports config, errors, _transport, _bootstrap, _channel, _clusterfile.
+Everything here runs in the loop thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import dataclasses
-import linecache
+import json
 import logging
 import os
 import shlex
 import time
 from typing import Any, Callable, Sequence
 
-from . import _bootstrap, _wire
+from . import _bootstrap
+from ._channel import CONTROL_TIMEOUT, EngineChannel
 from ._clusterfile import ClusterRecord, EngineRecord
-from ._transport import ForwardingRefused, Transport, make_transport
-from .asyncresult import TaskRecord
+from ._transport import Transport, make_transport
 from .config import ClusterSpec, HostSpec
-from .errors import (
-    EngineError,
-    EngineInfo,
-    HostError,
-    ProtocolError,
-    SshparError,
-    StartError,
-)
-from .errors import TimeoutError as SshparTimeoutError
+from .errors import EngineError, EngineInfo, HostError, SshparError, StartError
 
 log = logging.getLogger("sshpar.session")
 
@@ -38,245 +27,189 @@ log = logging.getLogger("sshpar.session")
 Progress = Callable[[str, str], None] | None
 
 CHANNEL_TIMEOUT = 20.0
-CONTROL_TIMEOUT = 10.0
+#: How long to wait for a nanny to bring a crashed engine back.
+RESTART_TIMEOUT = 15.0
 #: At most this many hosts connect and bootstrap at once.
 START_CONCURRENCY = 32
 
 
-class EngineChannel:
-    """One engine: its framed stream, the tasks it owes us, and its control requests."""
-
-    def __init__(self, host: HostSession, info: EngineInfo, socket_path: str) -> None:
-        self.host = host
-        self.info = info
-        self.socket_path = socket_path
-        self.pending: dict[str, TaskRecord] = {}
-        self.clock_offset = 0.0
-        self.remote: dict = {}
-        self.state = "starting"
-        self._outbox: collections.deque[tuple[TaskRecord, dict, list]] = collections.deque()
-        self._wakeup = False
-        self._acks: list[str] = []
-        self._requests: dict[int, asyncio.Future] = {}
-        self._req = 0
-        self._sender: _wire.FrameSender | None = None
-        self._writer: Any = None
-        self._reader_task: asyncio.Task | None = None
-        self._sent_sources: dict[str, int] = {}
-        self.loop = asyncio.get_running_loop()
-
-    @property
-    def engine_id(self) -> int:
-        return self.info.engine_id
-
-    async def open(self, key: bytes) -> None:
-        transport = self.host.transport
-        try:
-            reader, writer = await transport.open_unix(self.socket_path)
-        except ForwardingRefused:
-            log.info("%s: streamlocal forwarding refused; relaying through an exec channel",
-                     self.host.label)
-            cmd = _bootstrap.python_command(self.host.spec, _bootstrap.build_bundle(),
-                                            "relay", self.socket_path)
-            reader, writer = await transport.open_exec(cmd)
-        self._writer = writer
-        sent = time.time()
-        codec = await _wire.client_handshake(reader, writer, key)
-        hello = await codec.read(reader)
-        now = time.time()
-        if hello.kind is not _wire.Kind.REPLY or hello.meta.get("op") != "hello":
-            raise ProtocolError(f"engine {self.engine_id} did not greet as expected")
-        self.remote = hello.meta
-        self.clock_offset = hello.meta["time"] - (sent + now) / 2
-        self._sender = _wire.FrameSender(codec, writer)
-        self.state = "running"
-        self._reader_task = asyncio.ensure_future(self._read_loop(reader, codec))
-
-    def sources_for(self, files: set[str] | frozenset[str]) -> dict[str, str]:
-        """Source text of ``files`` this engine has not been sent yet (for tracebacks of
-        functions sent by value: the engine may not have the file, or another version)."""
-        out = {}
-        for name in files:
-            lines = linecache.getlines(name)
-            if not lines:
-                continue
-            text = "".join(lines)
-            digest = hash(text)
-            if self._sent_sources.get(name) != digest:
-                self._sent_sources[name] = digest
-                out[name] = text
-        return out
-
-    # -- submitting (any thread) ------------------------------------------------------------
-    def submit(self, rec: TaskRecord, meta: dict, payload: list) -> None:
-        self._outbox.append((rec, meta, payload))
-        if not self._wakeup:
-            self._wakeup = True
-            self.loop.call_soon_threadsafe(self._flush_outbox)
-
-    def _flush_outbox(self) -> None:
-        self._wakeup = False
-        while self._outbox:
-            rec, meta, payload = self._outbox.popleft()
-            if self.state != "running" or self._sender is None:
-                rec.fail(self._lost_error("is not connected"), time.time())
-                continue
-            self.pending[rec.msg_id] = rec
-            try:
-                self._sender.send(_wire.Kind.TASK, meta, payload)
-            except Exception as exc:  # noqa: BLE001 - the reader reports the broken stream
-                self.pending.pop(rec.msg_id, None)
-                rec.fail(self._lost_error(f"could not be sent to ({exc})"), time.time())
-
-    # -- control requests (loop thread) -----------------------------------------------------
-    async def request(self, op: str, timeout: float = CONTROL_TIMEOUT, **kw: Any) -> dict:
-        if self._sender is None or self.state != "running":
-            raise self._lost_error("is not connected")
-        self._req += 1
-        fut = self.loop.create_future()
-        self._requests[self._req] = fut
-        self._sender.send(_wire.Kind.CONTROL, {"op": op, "req": self._req, **kw})
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            raise SshparTimeoutError(f"{self.info} did not answer {op!r} within "
-                                     f"{timeout:g} s") from None
-        finally:
-            self._requests.pop(self._req, None)
-
-    async def fetch(self, rec: TaskRecord) -> str:
-        """Ask the engine for a task's result: "done" (it is on its way), "pending" (it
-        will come when finished) or "unknown"."""
-        self.pending[rec.msg_id] = rec
-        try:
-            reply = await self.request("fetch", msg_ids=[rec.msg_id])
-        except SshparError:
-            self.pending.pop(rec.msg_id, None)
-            raise
-        state = reply["found"].get(rec.msg_id, "unknown")
-        if state == "unknown":
-            self.pending.pop(rec.msg_id, None)
-        return state
-
-    def _send_acks(self) -> None:
-        acks, self._acks = self._acks, []
-        if acks and self._sender is not None and self.state == "running":
-            try:
-                self._sender.send(_wire.Kind.CONTROL, {"op": "ack", "msg_ids": acks})
-            except Exception:  # noqa: BLE001 - unacked results stay on the engine; harmless
-                pass
-
-    # -- receiving --------------------------------------------------------------------------
-    async def _read_loop(self, reader: Any, codec: _wire.Codec) -> None:
-        reason = "closed the connection"
-        try:
-            while True:
-                frame = await codec.read(reader)
-                kind = frame.kind
-                meta = frame.meta
-                if kind is _wire.Kind.RESULT:
-                    rec = self.pending.pop(meta["msg_id"], None)
-                    if not self._acks:
-                        self.loop.call_soon(self._send_acks)
-                    self._acks.append(meta["msg_id"])
-                    if rec is not None:
-                        rec.finish(meta, frame.payload, time.time(), self.clock_offset)
-                elif kind is _wire.Kind.OUTPUT:
-                    rec = self.pending.get(meta["msg_id"])
-                    if rec is not None:
-                        rec.add_output(meta["name"], meta["text"])
-                elif kind is _wire.Kind.REPLY:
-                    fut = self._requests.get(meta.get("req", -1))
-                    if fut is not None and not fut.done():
-                        fut.set_result(meta)
-                else:
-                    raise ProtocolError(f"unexpected {kind.name} frame from an engine")
-        except asyncio.CancelledError:
-            reason = "was closed by this client"
-            raise
-        except (asyncio.IncompleteReadError, EOFError, ConnectionError, OSError) as exc:
-            reason = f"closed the connection ({type(exc).__name__})" if str(exc) else reason
-        except ProtocolError as exc:
-            reason = f"sent a bad frame: {exc}"
-            log.error("%s: %s", self.info, reason)
-        except Exception as exc:  # noqa: BLE001 - any reader failure loses the channel
-            reason = f"channel failed: {type(exc).__name__}: {exc}"
-            log.exception("%s: reader failed", self.info)
-        finally:
-            self._lost(reason)
-
-    def _lost_error(self, what: str) -> EngineError:
-        return EngineError(f"{self.info} {what}", engine_id=self.engine_id,
-                           host=self.info.host, reason=what)
-
-    def _lost(self, reason: str) -> None:
-        if self.state == "running":
-            self.state = "lost"
-        now = time.time()
-        pending, self.pending = self.pending, {}
-        for rec in pending.values():
-            rec.fail(self._lost_error(f"{reason} while a task was pending"), now)
-        for fut in self._requests.values():
-            if not fut.done():
-                fut.set_exception(self._lost_error(reason))
-        self._requests.clear()
-
-    async def close(self) -> None:
-        state = self.state
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            try:
-                await self._reader_task
-            except BaseException:  # noqa: BLE001 - cancelled on purpose
-                pass
-        if self._writer is not None:
-            try:
-                self._writer.close()
-            except Exception:  # noqa: BLE001
-                pass
-        self.state = "stopped" if state == "stopping" else "closed"
-
-    async def shutdown(self) -> bool:
-        """Ask the engine to exit; True once its stream has closed (the process is gone)."""
-        if self.state != "running":
-            return False
-        self.state = "stopping"
-        try:
-            await self.request("shutdown", timeout=CONTROL_TIMEOUT)
-        except SshparError:
-            return False
-        task = self._reader_task
-        if task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(task), CONTROL_TIMEOUT)
-            except (asyncio.TimeoutError, Exception):  # noqa: BLE001
-                return False
-        return True
-
-
-@dataclasses.dataclass
 class HostSession:
-    """One host: its transport, what the launcher reported, and its engines."""
+    """One host: its transport, its engines, and the watch that keeps them reachable.
 
-    spec: HostSpec
-    transport: Transport
-    report: _bootstrap.LaunchReport | None = None
-    channels: list[EngineChannel] = dataclasses.field(default_factory=list)
+    Supervision, in one place: a heartbeat notices silent engines; a broken stream is either
+    the engine's death (the host still answers: read why from the nanny's exit file, reopen
+    if it restarts) or the host's loss (reconnect with backoff, resync every engine, and
+    only after ``lost_after`` seconds fail what was pending).
+    """
+
+    def __init__(self, spec: HostSpec, transport: Transport, key: bytes) -> None:
+        self.spec = spec
+        self.transport = transport
+        self.key = key
+        self.report: _bootstrap.LaunchReport | None = None
+        self.channels: list[EngineChannel] = []
+        self.state = "up"             # up | recovering
+        self._tasks: set[asyncio.Task] = set()
+        self._closing = False
 
     @property
     def label(self) -> str:
         return self.spec.label
 
-    async def start(self, cluster: str, key: bytes, timeout: float,
-                    progress: Progress = None) -> None:
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self, cluster: str, timeout: float, progress: Progress = None) -> None:
         note = progress or (lambda host, phase: None)
         note(self.label, "connecting")
         await asyncio.wait_for(self.transport.connect(), self.spec.connect_timeout + 5)
         note(self.label, "starting engines")
         self.report = await _bootstrap.launch(self.transport, self.spec, cluster=cluster,
-                                              key=key, engines=self.spec.engines,
+                                              key=self.key, engines=self.spec.engines,
                                               timeout=timeout)
         note(self.label, f"ready: {len(self.report.engines)} engine(s)")
+
+    def watch(self) -> None:
+        """Start the heartbeat (after the channels are open)."""
+        self._spawn(self._heartbeat())
+
+    # -- what a broken stream means -----------------------------------------------------
+    def channel_ended(self, ch: EngineChannel, reason: str, *, fatal: bool) -> None:
+        if self._closing or ch.state not in ("running",):
+            return
+        if fatal:
+            ch.mark_lost(ch.error(reason))
+            return
+        ch.suspend()
+        if self.state == "recovering":
+            return  # the recovery reopens it
+        self._spawn(self._diagnose(ch))
+
+    async def _diagnose(self, ch: EngineChannel) -> None:
+        if await self._probe(min(5.0, 3 * self.spec.heartbeat_interval)):
+            await self._engine_down(ch)
+        else:
+            self.recover()
+
+    async def _probe(self, timeout: float) -> bool:
+        """Whether the host still answers over SSH (a cheap command, bounded)."""
+        if not self.transport.is_connected:
+            return False
+        try:
+            result = await asyncio.wait_for(self.transport.run("true", timeout=timeout),
+                                            timeout + 1)
+        except (SshparError, OSError, asyncio.TimeoutError):
+            return False
+        return result.exit_status == 0
+
+    async def _engine_down(self, ch: EngineChannel) -> None:
+        """The host answers but the engine's stream ended: the engine died."""
+        exit_info = await self._read_exit(ch)
+        why = exit_info["reason"] if exit_info else "closed its connection"
+        ch.fail_pending(EngineError(
+            f"{ch.info} died while a task was pending: {why}", engine_id=ch.engine_id,
+            host=ch.info.host, reason=why))
+        ch.state = "lost"
+        log.warning("%s died: %s", ch.info, why)
+        if exit_info and exit_info.get("restarting"):
+            if await self._wait_socket(ch.socket_path, RESTART_TIMEOUT):
+                try:
+                    await asyncio.wait_for(ch.open(self.key), CHANNEL_TIMEOUT)
+                    log.warning("%s restarted by its nanny (empty namespace)", ch.info)
+                except (SshparError, OSError, asyncio.TimeoutError) as exc:
+                    log.warning("%s did not come back: %s", ch.info, exc)
+
+    async def _read_exit(self, ch: EngineChannel) -> dict | None:
+        # The nanny writes <uuid>.exit right after reaping the engine; allow it a moment.
+        path = shlex.quote(ch.socket_path[: -len(".sock")] + ".exit")
+        cmd = (f"for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do "
+               f"[ -f {path} ] && exec cat {path}; sleep 0.1; done; exit 1")
+        try:
+            result = await self.transport.run(cmd, timeout=CONTROL_TIMEOUT)
+            return json.loads(result.stdout) if result.exit_status == 0 else None
+        except (SshparError, OSError, ValueError):
+            return None
+
+    async def _wait_socket(self, path: str, timeout: float) -> bool:
+        q = shlex.quote(path)
+        tries = max(1, int(timeout / 0.1))
+        cmd = f"i=0; while [ $i -lt {tries} ]; do [ -S {q} ] && exit 0; sleep 0.1; " \
+              f"i=$((i+1)); done; exit 1"
+        try:
+            result = await self.transport.run(cmd, timeout=timeout + 5)
+        except (SshparError, OSError):
+            return False
+        return result.exit_status == 0
+
+    # -- losing and regaining the host ----------------------------------------------------
+    def recover(self) -> None:
+        if self.state != "recovering" and not self._closing:
+            self.state = "recovering"
+            self._spawn(self._recover())
+
+    async def _recover(self) -> None:
+        for ch in self.channels:
+            ch.suspend()
+        deadline = time.monotonic() + self.spec.lost_after
+        delay, failed, last = 0.05, False, "no answer"
+        log.warning("%s: connection lost; reconnecting (grace %g s)", self.label,
+                    self.spec.lost_after)
+        while not self._closing:
+            try:
+                await self.transport.close()
+                await asyncio.wait_for(self.transport.connect(), self.spec.connect_timeout + 5)
+                for ch in self.channels:
+                    if ch.state not in ("suspended", "lost"):
+                        continue
+                    try:
+                        await asyncio.wait_for(ch.open(self.key), CHANNEL_TIMEOUT)
+                        await ch.resync()
+                    except (SshparError, OSError, asyncio.TimeoutError) as exc:
+                        log.info("%s: cannot reopen (%s)", ch.info, exc)
+                        ch.suspend()
+                        await self._engine_down(ch)
+                self.state = "up"
+                log.warning("%s: reconnected", self.label)
+                return
+            except (SshparError, OSError, asyncio.TimeoutError) as exc:
+                last = str(exc) or type(exc).__name__
+            if not failed and time.monotonic() >= deadline:
+                failed = True
+                for ch in self.channels:
+                    if ch.state == "suspended":
+                        ch.mark_lost(EngineError(
+                            f"{ch.info}: host unreachable for {self.spec.lost_after:g} s "
+                            f"({last})", engine_id=ch.engine_id, host=ch.info.host,
+                            reason=last))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0 if failed else 2.0)
+
+    async def _heartbeat(self) -> None:
+        hb = self.spec.heartbeat_interval
+        while not self._closing:
+            await asyncio.sleep(hb)
+            if self.state != "up":
+                continue
+            now = time.monotonic()
+            running = [ch for ch in self.channels if ch.state == "running"]
+            for ch in running:
+                if now - ch.last_seen > hb:
+                    ch.ping()
+            silent = [ch for ch in running if now - ch.last_seen > 3 * hb]
+            for ch in silent:
+                if ch.responsive:
+                    log.warning("%s is not answering heartbeats", ch.info)
+                ch.responsive = False
+            if running and len(silent) == len(running) and not await self._probe(3 * hb):
+                self.recover()
+
+    # -- engines ----------------------------------------------------------------------------
+    async def launch_one(self, cluster: str, timeout: float) -> _bootstrap.StartedEngine:
+        report = await _bootstrap.launch(self.transport, self.spec, cluster=cluster,
+                                         key=self.key, engines=1, timeout=timeout)
+        return report.engines[0]
 
     async def kill_leftovers(self, pids: Sequence[int], sockets: Sequence[str]) -> None:
         if not pids or not self.transport.is_connected:
@@ -289,6 +222,14 @@ class HostSession:
             await self.transport.run(cmd, timeout=CONTROL_TIMEOUT)
         except SshparError as exc:
             log.warning("%s: could not clean up engines %s: %s", self.label, pids, exc)
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(ch.close() for ch in self.channels), return_exceptions=True)
+        await self.transport.close()
 
 
 class Cluster:
@@ -308,9 +249,9 @@ class Cluster:
 
         async def start_host(spec: HostSpec) -> HostSession:
             async with sem:
-                host = HostSession(spec, make_transport(spec))
+                host = HostSession(spec, make_transport(spec), self.key)
                 try:
-                    await host.start(self.spec.name, self.key, timeout, on_progress)
+                    await host.start(self.spec.name, timeout, on_progress)
                 except BaseException as exc:
                     if on_progress is not None:
                         on_progress(spec.label, f"failed: {exc}")
@@ -353,6 +294,8 @@ class Cluster:
             raise EngineError(f"could not open a channel to {ch.info}: "
                               f"{type(exc).__name__}: {exc}", engine_id=ch.engine_id,
                               host=ch.info.host, reason=str(exc)) from exc
+        for host in self.hosts:
+            host.watch()
 
     async def attach(self, engines: Sequence[EngineRecord], *, timeout: float) -> None:
         """Reconnect to engines started earlier (from a cluster file). Engines that cannot be
@@ -363,7 +306,7 @@ class Cluster:
 
         async def attach_host(index: int, recs: list[EngineRecord]) -> None:
             spec = self.spec.hosts[index]
-            host = HostSession(spec, make_transport(spec))
+            host = HostSession(spec, make_transport(spec), self.key)
             self.hosts.append(host)
             channels = []
             for rec in recs:
@@ -385,12 +328,24 @@ class Cluster:
                 if isinstance(res, BaseException):
                     log.info("%s is gone: %s", ch.info, res)
                     ch.state = "lost"
+            host.watch()
 
         self.start_errors = {}
         await asyncio.wait_for(
             asyncio.gather(*(attach_host(i, recs) for i, recs in sorted(by_host.items()))),
             timeout)
         self.hosts.sort(key=lambda h: self.spec.hosts.index(h.spec))
+
+    async def replace_engine(self, engine_id: int, *, timeout: float) -> None:
+        """Launch a fresh engine on the host of a lost one, under the same id."""
+        old = self.engines[engine_id]
+        host = old.host
+        started = await host.launch_one(self.spec.name, timeout)
+        info = EngineInfo(engine_id, host.label, started.pid, started.uuid)
+        channel = EngineChannel(host, info, started.socket)
+        await asyncio.wait_for(channel.open(self.key), CHANNEL_TIMEOUT)
+        host.channels[host.channels.index(old)] = channel
+        self.engines[engine_id] = channel
 
     def record(self, created: str = "") -> ClusterRecord:
         """What a later client needs to reach these engines again."""
@@ -421,10 +376,7 @@ class Cluster:
         await self.close()
 
     async def close(self) -> None:
-        for host in self.hosts:
-            await asyncio.gather(*(ch.close() for ch in host.channels),
-                                 return_exceptions=True)
-            await host.transport.close()
+        await asyncio.gather(*(host.close() for host in self.hosts), return_exceptions=True)
 
 
 def _as_host_error(spec: HostSpec, exc: BaseException) -> BaseException:

@@ -40,7 +40,7 @@ class TaskRecord:
 
     __slots__ = ("msg_id", "engine", "submitted", "received", "started", "completed",
                  "status", "stdout", "stderr", "error_record", "payload", "failure",
-                 "result_type", "owner", "on_output", "_outcome", "__weakref__")
+                 "result_type", "owner", "on_output", "_outcome", "request", "__weakref__")
 
     def __init__(self, msg_id: str, engine: EngineInfo, submitted: float) -> None:
         self.msg_id = msg_id
@@ -59,6 +59,9 @@ class TaskRecord:
         self.owner: AsyncResult | None = None
         self.on_output: Callable[[TaskRecord, str, str], None] | None = None
         self._outcome: tuple[bool, Any] | None = None
+        # (meta, payload) as sent, kept until the task is done so it can be resent after a
+        # reconnect if the engine never received it. Holds references, not copies.
+        self.request: tuple[dict, list] | None = None
 
     @property
     def done(self) -> bool:
@@ -89,12 +92,14 @@ class TaskRecord:
         self.result_type = meta.get("result_type", "")
         self.payload = payload
         self.status = meta["status"]
+        self.request = None
         self._notify()
 
     def fail(self, exc: BaseException, when: float) -> None:
         if self.done:
             return
         self.failure = exc
+        self.request = None
         self.received = max(when, self.submitted)
         self.status = "aborted" if isinstance(exc, TaskAborted) else "error"
         self._notify()
@@ -114,8 +119,18 @@ class TaskRecord:
     def _compute_outcome(self) -> tuple[bool, Any]:
         if self.failure is not None:
             return False, self.failure
+        if self.status == "aborted":
+            return False, TaskAborted(f"task {self.msg_id} was aborted before it ran on "
+                                      f"{self.engine}")
         if self.status != "ok":
-            return False, RemoteError.from_record(self.error_record or {}, self.engine)
+            err = RemoteError.from_record(self.error_record or {}, self.engine)
+            limit = (self.error_record or {}).get("timeout")
+            if limit:
+                timeout = TimeoutError(f"task {self.msg_id} exceeded its time limit of "
+                                       f"{limit:g} s on {self.engine} and was interrupted")
+                timeout.remote = err  # type: ignore[attr-defined]
+                return False, timeout
+            return False, err
         try:
             value = _serialize.loads(self.payload)
         except Exception as exc:
@@ -166,6 +181,7 @@ class AsyncResult(concurrent.futures.Future):
         self._lock = threading.Lock()
         self._progress = threading.Condition(self._lock)
         self._outcome: Any = _UNSET
+        self._client: Any = None    # set by the Client that submitted it
         for rec in self._records:
             rec.owner = self
         if not self._records:
@@ -210,13 +226,30 @@ class AsyncResult(concurrent.futures.Future):
             RemoteError: it raised on its engine (CompositeError for several engines).
             EngineError: its engine was lost.
         """
-        if not self.wait(timeout):
+        try:
+            ready = self.wait(timeout)
+        except KeyboardInterrupt as exc:
+            exc.add_note(f"sshpar: the task(s) {', '.join(self.msg_ids)} keep running; fetch "
+                         "later with rc.get_result(msg_id) or stop with ar.abort()/"
+                         "view.interrupt()")
+            raise
+        if not ready:
             raise TimeoutError(f"Result not ready after {timeout:g} s." if timeout else
                                "Result not ready.")
         ok, value = self._resolve()
+        if self._client is not None:
+            self._client._claimed(self)
         if not ok:
             raise value
         return value
+
+    def abort(self) -> None:
+        """Drop these tasks if they have not started; their results raise TaskAborted."""
+        if self._client is None or self.done():
+            return
+        pending = [rec for rec in self._records if not rec.done]
+        ids = sorted({rec.engine.engine_id for rec in pending})
+        self._client._abort(ids, [rec.msg_id for rec in pending])
 
     def _resolve(self) -> tuple[bool, Any]:
         with self._lock:

@@ -16,7 +16,8 @@ import weakref
 from typing import Any, Callable, Sequence
 
 from ._loop import LoopThread
-from ._session import Cluster, EngineChannel, new_key
+from ._channel import EngineChannel
+from ._session import Cluster, new_key
 from .asyncresult import AsyncResult, TaskRecord
 from . import _clusterfile
 from .config import ClusterSpec, load_hosts
@@ -26,6 +27,8 @@ from .view import DirectView, Targets
 log = logging.getLogger("sshpar.client")
 
 DEFAULT_START_TIMEOUT = 120.0
+#: Engine states that accept work (a suspended one is reconnecting; work waits for it).
+_USABLE = ("running", "suspended")
 
 
 class Client:
@@ -51,8 +54,11 @@ class Client:
                  timeout: float = DEFAULT_START_TIMEOUT, allow_partial: bool = False,
                  on_progress: Callable[[str, str], None] | None = None) -> None:
         self._closed = True
+        # Every result by msg_id while someone holds it; results not yet handed to the user
+        # (by get()) are also held here, so a dropped AsyncResult can still be fetched.
         self._results: weakref.WeakValueDictionary[str, AsyncResult] = \
             weakref.WeakValueDictionary()
+        self._unclaimed: dict[str, AsyncResult] = {}
         self._io = LoopThread()
         try:
             if hosts is not None:
@@ -113,7 +119,8 @@ class Client:
     @property
     def ids(self) -> list[int]:
         """Ids of the engines that are up, in order."""
-        return [i for i, ch in sorted(self._cluster.engines.items()) if ch.state == "running"]
+        return [i for i, ch in sorted(self._cluster.engines.items())
+                if ch.state in _USABLE]
 
     @property
     def engine_info(self) -> dict[int, EngineInfo]:
@@ -135,8 +142,13 @@ class Client:
 
         async def one(ch: EngineChannel) -> dict[str, Any]:
             row: dict[str, Any] = {"id": ch.engine_id, "host": ch.info.host, "pid": ch.info.pid,
-                                   "uuid": ch.info.uuid, "state": "lost"}
+                                   "uuid": ch.info.uuid,
+                                   "state": "reconnecting" if ch.state == "suspended"
+                                   else "lost"}
             if ch.state != "running":
+                return row
+            if not ch.responsive:
+                row["state"] = "unresponsive"
                 return row
             try:
                 info = await ch.request("info", timeout=timeout)
@@ -195,7 +207,7 @@ class Client:
         for t in chosen:
             if t not in engines:
                 raise IndexError(f"no engine {t}: this client has engines {self.ids}")
-            if engines[t].state != "running":
+            if engines[t].state not in _USABLE:
                 raise NoEnginesError(f"engine {t} is {engines[t].state}; running engines: "
                                      f"{self.ids}")
 
@@ -207,7 +219,8 @@ class Client:
     def _submit(self, ids: Sequence[int], single: bool, payloads: Sequence[list], *,
                 fname: str, postprocess: Any = None,
                 result_class: type[AsyncResult] = AsyncResult,
-                code_files: set[str] | frozenset[str] = frozenset()) -> AsyncResult:
+                code_files: set[str] | frozenset[str] = frozenset(),
+                limit: float | None = None) -> AsyncResult:
         """Send one task per engine (``payloads[i]`` to ``ids[i]``); never blocks."""
         if self._closed:
             raise NoEnginesError("this client is closed")
@@ -219,10 +232,14 @@ class Client:
             records.append(TaskRecord(str(uuid.uuid4()), ch.info, now))
             channels.append(ch)
         ar = result_class(records, single=single, fname=fname, postprocess=postprocess)
+        ar._client = self
         for rec in records:
             self._results[rec.msg_id] = ar
+            self._unclaimed[rec.msg_id] = ar
         for ch, rec, payload in zip(channels, records, payloads):
             meta: dict[str, Any] = {"msg_id": rec.msg_id}
+            if limit:
+                meta["timeout"] = float(limit)
             sources = ch.sources_for(code_files) if code_files else None
             if sources:
                 meta["sources"] = sources
@@ -242,6 +259,34 @@ class Client:
             if not ar.wait(left):
                 return False
         return True
+
+    def _claimed(self, ar: AsyncResult) -> None:
+        for msg_id in ar.msg_ids:
+            self._unclaimed.pop(msg_id, None)
+
+    def _control(self, ids: Sequence[int], op: str, **kw: Any) -> list[dict]:
+        import asyncio
+
+        async def ask() -> list[dict]:
+            chans = [self._cluster.engines[i] for i in ids]
+            return list(await asyncio.gather(*(ch.request(op, **kw) for ch in chans)))
+
+        return self._io.run(ask(), 30, what=op)
+
+    def _abort(self, ids: Sequence[int], msg_ids: Sequence[str]) -> None:
+        if not msg_ids:  # everything this client still waits for on these engines
+            msg_ids = [m for i in ids for m in self._cluster.engines[i].pending]
+        if msg_ids:
+            self._control(ids, "abort", msg_ids=list(msg_ids))
+
+    def restart_engine(self, engine_id: int, timeout: float = 60.0) -> None:
+        """Start a fresh engine (empty namespace) with the id of a lost one."""
+        ch = self._cluster.engines[engine_id]
+        if ch.state in _USABLE:
+            raise ValueError(f"engine {engine_id} is {ch.state}; shut it down or wait")
+        self._io.run(self._cluster.replace_engine(engine_id, timeout=timeout), timeout + 10,
+                     what=f"restarting engine {engine_id}")
+        _clusterfile.save(self._cluster.record(created=_clusterfile.now()))
 
     def get_result(self, msg_id: str, *, block: bool = False,
                    timeout: float | None = None) -> AsyncResult | Any:

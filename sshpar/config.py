@@ -59,6 +59,8 @@ class HostSpec:
     restart: str = "no"
     restart_limit: int = 3
     connect_timeout: float = 10.0
+    heartbeat_interval: float = 2.0
+    lost_after: float = 30.0
     line: int = 0
 
     @property
@@ -297,6 +299,9 @@ _CHECKS: dict[str, _Check] = {
                        lambda v: "no" if v is False else v),
     "restart_limit": _expect("an integer >= 0", lambda v: _is_int(v) and v >= 0),
     "connect_timeout": _expect("a number of seconds > 0", lambda v: _number(v) and v > 0, float),
+    "heartbeat_interval": _expect("a number of seconds > 0", lambda v: _number(v) and v > 0,
+                                  float),
+    "lost_after": _expect("a number of seconds > 0", lambda v: _number(v) and v > 0, float),
 }
 
 

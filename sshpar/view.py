@@ -22,6 +22,13 @@ if TYPE_CHECKING:
 Targets = int | Sequence[int] | slice | str | None
 
 
+class _Unset:
+    """Marks a flag that was not given (None is a meaningful timeout: no limit)."""
+
+
+_UNSET = _Unset()
+
+
 class DirectView:
     """Direct access to one engine (scalar results) or several (lists in target order).
 
@@ -37,6 +44,7 @@ class DirectView:
         self.client = client
         self.targets = targets
         self.block = block
+        self.timeout: float | None = None
 
     def __repr__(self) -> str:
         return f"<DirectView {self.targets!r}>"
@@ -50,24 +58,49 @@ class DirectView:
         targets = self.targets if targets is None else targets
         return self.client._resolve_targets(targets)
 
-    def set_flags(self, *, block: bool | None = None, targets: Targets = None) -> None:
-        """Set ``block`` and/or ``targets`` for later calls."""
+    def set_flags(self, *, block: bool | None = None, targets: Targets = None,
+                  timeout: float | None | _Unset = _UNSET) -> None:
+        """Set ``block``, ``targets`` and/or ``timeout`` (a run-time limit in seconds for
+        each task, None for none) for later calls."""
         if block is not None:
             self.block = bool(block)
         if targets is not None:
             self.client._resolve_targets(targets)
             self.targets = targets
+        if not isinstance(timeout, _Unset):
+            if timeout is not None and not timeout > 0:
+                raise ValueError(f"timeout must be a number of seconds > 0 or None, "
+                                 f"not {timeout!r}")
+            self.timeout = timeout
 
     @contextlib.contextmanager
-    def temp_flags(self, *, block: bool | None = None, targets: Targets = None
-                   ) -> Iterator[DirectView]:
+    def temp_flags(self, *, block: bool | None = None, targets: Targets = None,
+                   timeout: float | None | _Unset = _UNSET) -> Iterator[DirectView]:
         """Set flags for the duration of a ``with`` block, then restore them."""
-        saved = self.block, self.targets
-        self.set_flags(block=block, targets=targets)
+        saved = self.block, self.targets, self.timeout
+        self.set_flags(block=block, targets=targets, timeout=timeout)
         try:
             yield self
         finally:
-            self.block, self.targets = saved
+            self.block, self.targets, self.timeout = saved
+
+    # -- control ----------------------------------------------------------------------------
+    def interrupt(self, targets: Targets = None) -> None:
+        """Raise KeyboardInterrupt in the task running on each engine (it fails with a
+        RemoteError; the engine carries on with its queue)."""
+        ids, _ = self._resolve_targets(targets)
+        self.client._control(ids, "interrupt")
+
+    def abort(self, jobs: Any = None, targets: Targets = None) -> None:
+        """Drop queued tasks before they run; their results raise TaskAborted.
+
+        Args:
+            jobs: AsyncResults or msg_ids to abort; default every task this client has
+                waiting on the view's engines. A task already running is not stopped (see
+                :meth:`interrupt`).
+        """
+        ids, _ = self._resolve_targets(targets)
+        self.client._abort(ids, _msg_ids(jobs))
 
     # -- the core: apply ----------------------------------------------------------------------
     def _run(self, f: Callable, args: tuple, kwargs: dict, *, block: bool | None,
@@ -80,7 +113,8 @@ class DirectView:
         files: set[str] = set()
         payload = _pickle_call(f, args, kwargs, name, files)
         ar = self.client._submit(ids, single, [payload] * len(ids), fname=name,
-                                 postprocess=postprocess, code_files=files)
+                                 postprocess=postprocess, code_files=files,
+                                 limit=self.timeout)
         return ar.get() if self._is_blocking(block) else ar
 
     def apply(self, f: Callable, /, *args: Any, **kwargs: Any) -> Any:
@@ -177,7 +211,8 @@ class DirectView:
         files: set[str] = set()
         payloads = [_pickle_call(f, args, {}, fname, files) for args in per_engine]
         ar = self.client._submit(ids, single, payloads, fname=fname, postprocess=postprocess,
-                                 result_class=result_class, code_files=files)
+                                 result_class=result_class, code_files=files,
+                                 limit=self.timeout)
         return ar.get() if self._is_blocking(block) else ar
 
     def map(self, f: Callable, *sequences: Any, block: bool | None = None) -> Any:
@@ -291,6 +326,17 @@ class DirectView:
 
 def _none(_: Any) -> None:
     return None
+
+
+def _msg_ids(jobs: Any) -> list[str]:
+    if jobs is None:
+        return []
+    if isinstance(jobs, (str, AsyncResult)):
+        jobs = [jobs]
+    out: list[str] = []
+    for job in jobs:
+        out.extend(job.msg_ids if isinstance(job, AsyncResult) else [str(job)])
+    return out
 
 
 def _pickle_call(f: Callable, args: tuple, kwargs: dict, name: str,

@@ -27,7 +27,7 @@ from typing import Any
 from .. import _wire
 from ..errors import ProtocolError
 from . import ops
-from .executor import Executor, Task
+from .executor import Executor, Task, TaskTimeout
 
 log = logging.getLogger("sshpar.engine")
 
@@ -72,23 +72,57 @@ class Daemon:
         self._stopping = False
         self.started_at = time.time()
         self.done_count = 0
+        self.lock = threading.Lock()
 
     # -- main thread ----------------------------------------------------------------------
     def serve(self) -> None:
         io = threading.Thread(target=self._io_main, name="sshpar-engine-io", daemon=True)
         io.start()
         signal.signal(signal.SIGTERM, lambda *_: self._exit(0))
+        signal.signal(signal.SIGINT, self._on_sigint)
         try:
             while True:
                 task = self.tasks.get()
                 if task is None:
                     break
-                if task.aborted:
-                    continue
+                with self.lock:  # abort() and the start of a task exclude each other
+                    if task.aborted:
+                        continue
+                    self.executor.current = task
+                limit = task.meta.get("timeout")
+                if limit:
+                    self.loop.call_soon_threadsafe(self._arm_timeout, task, float(limit))
                 self.executor.run(task)
                 self._post("result", task)
         finally:
             self._exit(0)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        # Interrupts are aimed at the running task: raise only inside user code, never
+        # between tasks or while the engine itself is at work.
+        ex = self.executor
+        task = ex.current
+        if task is None or not ex.in_user_code:
+            return
+        if ex.timeout_hit == task.msg_id:
+            raise TaskTimeout(f"time limit of {task.meta.get('timeout'):g} s exceeded")
+        raise KeyboardInterrupt
+
+    def _interrupt(self, task: Task, *, timeout: bool = False, tries: int = 100) -> None:
+        ex = self.executor
+        if ex.current is not task:
+            return
+        if not ex.in_user_code:  # still unpickling: try again in a moment (bounded)
+            if tries > 0:
+                self.loop.call_later(0.01, lambda: self._interrupt(task, timeout=timeout,
+                                                                   tries=tries - 1))
+            return
+        if timeout:
+            ex.timeout_hit = task.msg_id
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def _arm_timeout(self, task: Task, limit: float) -> None:
+        self.loop.call_later(limit, lambda: self._interrupt(task, timeout=True))
 
     def _exit(self, code: int) -> None:
         self._remove_socket()
@@ -258,6 +292,32 @@ class Daemon:
         elif op == "shutdown":
             conn.send(_wire.Kind.REPLY, {"op": "shutdown", "req": meta.get("req")})
             self.loop.create_task(self._shutdown(conn))
+        elif op == "ping":
+            conn.send(_wire.Kind.REPLY, {"op": "ping"})
+        elif op == "interrupt":
+            task = self.executor.current
+            hit = task is not None and (not ids or task.msg_id in ids)
+            if hit:
+                assert task is not None
+                self._interrupt(task)
+            conn.send(_wire.Kind.REPLY, {"op": op, "req": meta.get("req"),
+                                         "interrupted": task.msg_id if hit and task else None})
+        elif op == "abort":
+            aborted = []
+            with self.lock:
+                for task in list(self.queued.values()):
+                    if task is self.executor.current or task.aborted:
+                        continue
+                    if (msg := task.msg_id) in ids or (not ids and task.owner is conn):
+                        task.aborted = True
+                        task.status = "aborted"
+                        aborted.append(msg)
+            for msg in aborted:
+                task = self.queued.pop(msg)
+                self.results[msg] = task
+                self._send_result(task, task.owner)
+            conn.send(_wire.Kind.REPLY, {"op": op, "req": meta.get("req"),
+                                         "aborted": aborted})
         elif op == "info":
             conn.send(_wire.Kind.REPLY, {"op": "info", "req": meta.get("req"), **self.info()})
         elif op == "fetch":

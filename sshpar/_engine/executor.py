@@ -27,6 +27,10 @@ _TRUNCATED = "\n[sshpar: output truncated at {} bytes]\n"
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+class TaskTimeout(Exception):
+    """Raised inside a task that ran past its time limit."""
+
+
 class Namespace(dict):
     """The engine's user namespace (a real dict: functions use it as their globals)."""
 
@@ -127,6 +131,8 @@ class Executor:
         self._brought: dict[str, int] = {}
         self._counter = 0
         self.current: Task | None = None
+        self.in_user_code = False          # the SIGINT handler raises only while this holds
+        self.timeout_hit: str | None = None
 
     def run(self, task: Task) -> None:
         self.current = task
@@ -140,12 +146,16 @@ class Executor:
             f = self.rebind(f)
             args = resolve_references(args, self.namespace)
             kwargs = resolve_references(kwargs, self.namespace)
-            value = f(*args, **kwargs)
+            self.in_user_code = True
+            try:
+                value = f(*args, **kwargs)
+            finally:
+                self.in_user_code = False
         except BaseException as exc:  # noqa: BLE001 - every failure is the task's result
-            if isinstance(exc, SystemExit) and task.meta.get("allow_exit"):
-                raise
             task.status = "error"
             task.error = error_record(exc)
+            if isinstance(exc, TaskTimeout):
+                task.error["timeout"] = task.meta.get("timeout")
         else:
             task.status = "ok"
             try:

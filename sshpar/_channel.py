@@ -1,0 +1,301 @@
+"""One engine as the client sees it: a framed stream, the tasks it owes us, control requests.
+
+Layer: core. Imports errors, _wire, _bootstrap, _transport and asyncresult (records).
+Runs in the loop thread, except ``submit``/``sources_for``, which are thread-safe.
+
+A channel outlives its stream: when the stream breaks it is *suspended* (its pending tasks
+kept), and after the host reconnects it is reopened and *resynced*: the engine is asked for
+every pending task, finished results are sent again, and tasks it never received are resent
+(so each runs exactly once). Only the host session decides that an engine is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import linecache
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import _bootstrap, _wire
+from ._transport import ForwardingRefused
+from .asyncresult import TaskRecord
+from .errors import EngineError, EngineInfo, ProtocolError, SshparError
+from .errors import TimeoutError as SshparTimeoutError
+
+if TYPE_CHECKING:
+    from ._session import HostSession
+
+log = logging.getLogger("sshpar.channel")
+
+CONTROL_TIMEOUT = 10.0
+
+
+class EngineChannel:
+    """One engine. States: starting, running, suspended, lost, stopping, stopped, closed."""
+
+    def __init__(self, host: HostSession, info: EngineInfo, socket_path: str) -> None:
+        self.host = host
+        self.info = info
+        self.socket_path = socket_path
+        self.pending: dict[str, TaskRecord] = {}
+        self.clock_offset = 0.0
+        self.remote: dict = {}
+        self.state = "starting"
+        self.responsive = True
+        self.last_seen = time.monotonic()
+        self._outbox: collections.deque[tuple[TaskRecord, dict, list]] = collections.deque()
+        self._wakeup = False
+        self._acks: list[str] = []
+        self._requests: dict[int, asyncio.Future] = {}
+        self._req = 0
+        self._sender: _wire.FrameSender | None = None
+        self._writer: Any = None
+        self._reader_task: asyncio.Task | None = None
+        self._sent_sources: dict[str, int] = {}
+        self.loop = asyncio.get_running_loop()
+
+    @property
+    def engine_id(self) -> int:
+        return self.info.engine_id
+
+    def __repr__(self) -> str:
+        return f"<EngineChannel {self.info} {self.state}>"
+
+    # -- opening ----------------------------------------------------------------------------
+    async def open(self, key: bytes) -> None:
+        """Connect to the engine's socket (or a relay), prove the key, read its greeting."""
+        transport = self.host.transport
+        try:
+            reader, writer = await transport.open_unix(self.socket_path)
+        except ForwardingRefused:
+            log.info("%s: streamlocal forwarding refused; relaying through an exec channel",
+                     self.host.label)
+            cmd = _bootstrap.python_command(self.host.spec, _bootstrap.build_bundle(),
+                                            "relay", self.socket_path)
+            reader, writer = await transport.open_exec(cmd)
+        self._writer = writer
+        sent = time.time()
+        codec = await _wire.client_handshake(reader, writer, key)
+        hello = await codec.read(reader)
+        now = time.time()
+        if hello.kind is not _wire.Kind.REPLY or hello.meta.get("op") != "hello":
+            raise ProtocolError(f"engine {self.engine_id} did not greet as expected")
+        self.remote = hello.meta
+        if hello.meta.get("pid") != self.info.pid:  # restarted by its nanny: a new process
+            self.info = dataclasses.replace(self.info, pid=hello.meta["pid"])
+        self.clock_offset = hello.meta["time"] - (sent + now) / 2
+        self._sender = _wire.FrameSender(codec, writer)
+        self._sent_sources.clear()
+        self.state = "running"
+        self.responsive = True
+        self.last_seen = time.monotonic()
+        self._reader_task = asyncio.ensure_future(self._read_loop(reader, codec))
+
+    async def resync(self) -> None:
+        """After reopening: have the engine account for every task we still wait for."""
+        if not self.pending:
+            return
+        reply = await self.request("fetch", msg_ids=list(self.pending))
+        for msg_id, where in reply["found"].items():
+            rec = self.pending.get(msg_id)
+            if rec is None or where != "unknown":
+                continue
+            if rec.request is None:
+                self.pending.pop(msg_id, None)
+                rec.fail(self.error("lost the task in transit"), time.time())
+            else:  # never arrived: it has not run, so sending it again runs it once
+                meta, payload = rec.request
+                self._send_task(rec, meta, payload)
+
+    # -- submitting (any thread) ------------------------------------------------------------
+    def sources_for(self, files: set[str] | frozenset[str]) -> dict[str, str]:
+        """Source text of ``files`` this engine has not been sent yet (for tracebacks of
+        functions sent by value: the engine may not have the file, or another version)."""
+        out = {}
+        for name in files:
+            lines = linecache.getlines(name)
+            if not lines:
+                continue
+            text = "".join(lines)
+            digest = hash(text)
+            if self._sent_sources.get(name) != digest:
+                self._sent_sources[name] = digest
+                out[name] = text
+        return out
+
+    def submit(self, rec: TaskRecord, meta: dict, payload: list) -> None:
+        self._outbox.append((rec, meta, payload))
+        if not self._wakeup:
+            self._wakeup = True
+            self.loop.call_soon_threadsafe(self._flush_outbox)
+
+    def _flush_outbox(self) -> None:
+        self._wakeup = False
+        while self._outbox:
+            rec, meta, payload = self._outbox.popleft()
+            if self.state == "suspended":  # sent once the host is back (or failed if not)
+                rec.request = (meta, payload)
+                self.pending[rec.msg_id] = rec
+            elif self.state != "running":
+                rec.fail(self.error(f"is {self.state}"), time.time())
+            else:
+                self._send_task(rec, meta, payload)
+
+    def _send_task(self, rec: TaskRecord, meta: dict, payload: list) -> None:
+        rec.request = (meta, payload)
+        self.pending[rec.msg_id] = rec
+        assert self._sender is not None
+        try:
+            self._sender.send(_wire.Kind.TASK, meta, payload)
+        except Exception as exc:  # noqa: BLE001 - the reader notices the broken stream
+            log.info("%s: send failed (%s); kept for resending", self.info, exc)
+
+    # -- control ----------------------------------------------------------------------------
+    async def request(self, op: str, timeout: float = CONTROL_TIMEOUT, **kw: Any) -> dict:
+        """Send a CONTROL frame and wait for the engine's REPLY."""
+        if self._sender is None or self.state not in ("running", "stopping"):
+            raise self.error(f"is {self.state}")
+        self._req += 1
+        req = self._req
+        fut = self.loop.create_future()
+        self._requests[req] = fut
+        self._sender.send(_wire.Kind.CONTROL, {"op": op, "req": req, **kw})
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise SshparTimeoutError(f"{self.info} did not answer {op!r} within "
+                                     f"{timeout:g} s") from None
+        finally:
+            self._requests.pop(req, None)
+
+    def ping(self) -> None:
+        if self._sender is not None and self.state == "running":
+            try:
+                self._sender.send(_wire.Kind.CONTROL, {"op": "ping"})
+            except Exception:  # noqa: BLE001 - the reader notices
+                pass
+
+    async def fetch(self, rec: TaskRecord) -> str:
+        """Ask for a task's result: "done" (on its way), "pending" or "unknown"."""
+        self.pending[rec.msg_id] = rec
+        try:
+            reply = await self.request("fetch", msg_ids=[rec.msg_id])
+        except SshparError:
+            self.pending.pop(rec.msg_id, None)
+            raise
+        state = reply["found"].get(rec.msg_id, "unknown")
+        if state == "unknown":
+            self.pending.pop(rec.msg_id, None)
+        return state
+
+    def _send_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        if acks and self._sender is not None and self.state == "running":
+            try:
+                self._sender.send(_wire.Kind.CONTROL, {"op": "ack", "msg_ids": acks})
+            except Exception:  # noqa: BLE001 - unacked results stay on the engine; harmless
+                pass
+
+    # -- receiving --------------------------------------------------------------------------
+    async def _read_loop(self, reader: Any, codec: _wire.Codec) -> None:
+        reason, fatal = "closed the connection", False
+        try:
+            while True:
+                frame = await codec.read(reader)
+                self.last_seen = time.monotonic()
+                self.responsive = True
+                kind, meta = frame.kind, frame.meta
+                if kind is _wire.Kind.RESULT:
+                    msg_id = meta["msg_id"]
+                    rec = self.pending.pop(msg_id, None)
+                    if not self._acks:
+                        self.loop.call_soon(self._send_acks)
+                    self._acks.append(msg_id)
+                    if rec is not None:
+                        rec.finish(meta, frame.payload, time.time(), self.clock_offset)
+                elif kind is _wire.Kind.OUTPUT:
+                    rec = self.pending.get(meta["msg_id"])
+                    if rec is not None:
+                        rec.add_output(meta["name"], meta["text"])
+                elif kind is _wire.Kind.REPLY:
+                    fut = self._requests.get(meta.get("req", -1))
+                    if fut is not None and not fut.done():
+                        fut.set_result(meta)
+                else:
+                    raise ProtocolError(f"unexpected {kind.name} frame from an engine")
+        except asyncio.CancelledError:
+            return
+        except (asyncio.IncompleteReadError, EOFError, ConnectionError, OSError) as exc:
+            reason = f"closed the connection ({type(exc).__name__})"
+        except ProtocolError as exc:
+            reason, fatal = f"sent a bad frame: {exc}", True
+            log.error("%s: %s", self.info, reason)
+        except Exception as exc:  # noqa: BLE001 - the host decides what a broken stream means
+            reason = f"channel failed: {type(exc).__name__}: {exc}"
+            log.exception("%s: reader failed", self.info)
+        self._reader_task = None
+        self._drop_stream(reason)
+        self.host.channel_ended(self, reason, fatal=fatal)
+
+    # -- states -----------------------------------------------------------------------------
+    def error(self, what: str) -> EngineError:
+        return EngineError(f"{self.info} {what}", engine_id=self.engine_id,
+                           host=self.info.host, reason=what)
+
+    def _drop_stream(self, reason: str) -> None:
+        self._sender = None
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self._writer = None
+        for fut in self._requests.values():
+            if not fut.done():
+                fut.set_exception(self.error(reason))
+        self._requests.clear()
+
+    def suspend(self) -> None:
+        """The stream is gone but the engine may not be: keep pending tasks for a resync."""
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            self._reader_task = None
+        self._drop_stream("connection suspended")
+        if self.state == "running":
+            self.state = "suspended"
+
+    def fail_pending(self, error: BaseException) -> None:
+        now = time.time()
+        pending, self.pending = self.pending, {}
+        for rec in pending.values():
+            rec.fail(error, now)
+
+    def mark_lost(self, error: BaseException) -> None:
+        self.suspend()
+        self.state = "lost"
+        self.fail_pending(error)
+
+    async def close(self) -> None:
+        state = self.state
+        self.suspend()
+        self.state = "stopped" if state == "stopping" else "closed"
+
+    async def shutdown(self) -> bool:
+        """Ask the engine to exit; True once its stream has closed (the process is gone)."""
+        if self.state != "running":
+            return False
+        self.state = "stopping"
+        task = self._reader_task
+        try:
+            await self.request("shutdown", timeout=CONTROL_TIMEOUT)
+        except SshparError:
+            return False
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), CONTROL_TIMEOUT)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+                return False
+        return True
