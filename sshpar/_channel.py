@@ -233,9 +233,9 @@ class EngineChannel:
         except ProtocolError as exc:
             reason, fatal = f"sent a bad frame: {exc}", True
             log.error("%s: %s", self.info, reason)
-        except Exception as exc:  # noqa: BLE001 - the host decides what a broken stream means
-            reason = f"channel failed: {type(exc).__name__}: {exc}"
-            log.exception("%s: reader failed", self.info)
+        except Exception as exc:  # noqa: BLE001 - e.g. the SSH library's ConnectionLost
+            reason = f"channel broke: {type(exc).__name__}: {exc}"
+            log.info("%s: %s", self.info, reason)
         self._reader_task = None
         self._drop_stream(reason)
         self.host.channel_ended(self, reason, fatal=fatal)
