@@ -79,7 +79,11 @@ class EngineChannel:
         self._writer = writer
         sent = time.time()
         codec = await _wire.client_handshake(reader, writer, key)
-        hello = await codec.read(reader)
+        parser = _wire.FrameParser(codec)
+        frames: list[_wire.Frame] = []
+        while not frames:
+            frames = await _wire.read_frames(reader, parser)
+        hello = frames.pop(0)
         now = time.time()
         if hello.kind is not _wire.Kind.REPLY or hello.meta.get("op") != "hello":
             raise ProtocolError(f"engine {self.engine_id} did not greet as expected")
@@ -92,7 +96,7 @@ class EngineChannel:
         self.state = "running"
         self.responsive = True
         self.last_seen = time.monotonic()
-        self._reader_task = asyncio.ensure_future(self._read_loop(reader, codec))
+        self._reader_task = asyncio.ensure_future(self._read_loop(reader, parser, frames))
 
     async def resync(self) -> None:
         """After reopening: have the engine account for every task we still wait for."""
@@ -200,32 +204,18 @@ class EngineChannel:
                 pass
 
     # -- receiving --------------------------------------------------------------------------
-    async def _read_loop(self, reader: Any, codec: _wire.Codec) -> None:
+    async def _read_loop(self, reader: Any, parser: _wire.FrameParser,
+                         early: list[_wire.Frame]) -> None:
         reason, fatal = "closed the connection", False
         try:
+            for frame in early:
+                self._receive(frame)
             while True:
-                frame = await codec.read(reader)
+                frames = await _wire.read_frames(reader, parser)
                 self.last_seen = time.monotonic()
                 self.responsive = True
-                kind, meta = frame.kind, frame.meta
-                if kind is _wire.Kind.RESULT:
-                    msg_id = meta["msg_id"]
-                    rec = self.pending.pop(msg_id, None)
-                    if not self._acks:
-                        self.loop.call_soon(self._send_acks)
-                    self._acks.append(msg_id)
-                    if rec is not None:
-                        rec.finish(meta, frame.payload, time.time(), self.clock_offset)
-                elif kind is _wire.Kind.OUTPUT:
-                    rec = self.pending.get(meta["msg_id"])
-                    if rec is not None:
-                        rec.add_output(meta["name"], meta["text"])
-                elif kind is _wire.Kind.REPLY:
-                    fut = self._requests.get(meta.get("req", -1))
-                    if fut is not None and not fut.done():
-                        fut.set_result(meta)
-                else:
-                    raise ProtocolError(f"unexpected {kind.name} frame from an engine")
+                for frame in frames:
+                    self._receive(frame)
         except asyncio.CancelledError:
             return
         except (asyncio.IncompleteReadError, EOFError, ConnectionError, OSError) as exc:
@@ -239,6 +229,27 @@ class EngineChannel:
         self._reader_task = None
         self._drop_stream(reason)
         self.host.channel_ended(self, reason, fatal=fatal)
+
+    def _receive(self, frame: _wire.Frame) -> None:
+        kind, meta = frame.kind, frame.meta
+        if kind is _wire.Kind.RESULT:
+            msg_id = meta["msg_id"]
+            rec = self.pending.pop(msg_id, None)
+            if not self._acks:
+                self.loop.call_soon(self._send_acks)
+            self._acks.append(msg_id)
+            if rec is not None:
+                rec.finish(meta, frame.payload, time.time(), self.clock_offset)
+        elif kind is _wire.Kind.OUTPUT:
+            rec = self.pending.get(meta["msg_id"])
+            if rec is not None:
+                rec.add_output(meta["name"], meta["text"])
+        elif kind is _wire.Kind.REPLY:
+            fut = self._requests.get(meta.get("req", -1))
+            if fut is not None and not fut.done():
+                fut.set_result(meta)
+        else:
+            raise ProtocolError(f"unexpected {kind.name} frame from an engine")
 
     # -- states -----------------------------------------------------------------------------
     def error(self, what: str) -> EngineError:

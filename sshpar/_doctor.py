@@ -40,6 +40,8 @@ COMMAND_TIMEOUT = 30.0
 LISTENER_TIMEOUT = 30
 ECHOES = 5
 COMMANDS = 3
+#: A trivial remote command slower than this (ms) is worth a warning.
+SLOW_COMMAND_MS = 1000.0
 
 _CONNECT_KINDS: tuple[tuple[type[HostError], str], ...] = (
     (HostKeyError, "host key"),
@@ -264,5 +266,10 @@ async def _latency(transport: Transport) -> Probe:
     except Exception as exc:  # noqa: BLE001 - a warning either way; say what happened
         return Probe("latency", Status.WARN, "unknown", f"could not measure: {exc}")
     rtt, cmd = statistics.median(rtts) * 1e3, statistics.median(runs) * 1e3
-    return Probe("latency", Status.OK, f"{rtt:.2f} ms",
-                 value={"rtt_ms": round(rtt, 3), "command_ms": round(cmd, 3)})
+    value = {"rtt_ms": round(rtt, 3), "command_ms": round(cmd, 3)}
+    if cmd > SLOW_COMMAND_MS:
+        return Probe("latency", Status.WARN, f"{rtt:.2f} ms", (
+            f"{transport.label}: running a command takes {cmd / 1e3:.1f} s, which every start "
+            "pays; the remote shell's startup files (~/.bashrc runs for ssh commands) are "
+            "the usual cause"), value)
+    return Probe("latency", Status.OK, f"{rtt:.2f} ms", value=value)

@@ -132,10 +132,7 @@ class Codec:
         return [head + lens + mac.digest(), *views]
 
     # -- receiving ------------------------------------------------------------------------
-    async def read(self, reader: Reader) -> Frame:
-        """Read, check and return one frame. Raises ProtocolError on anything not genuine,
-        and EOFError (asyncio.IncompleteReadError) when the stream ends between frames."""
-        head = await reader.readexactly(HEADER.size)
+    def _check_header(self, head: bytes) -> tuple[int, int, int]:
         magic, version, kind, _flags, seq, nseg = HEADER.unpack(head)
         if magic != MAGIC:
             raise ProtocolError(f"bad frame magic {magic!r}: not an sshpar peer, or corrupted")
@@ -143,19 +140,22 @@ class Codec:
             raise ProtocolError(f"frame version {version}, expected {VERSION}")
         if not 1 <= nseg <= MAX_SEGMENTS:
             raise ProtocolError(f"frame claims {nseg} segments (limit {MAX_SEGMENTS})")
-        lens_raw = await reader.readexactly(8 * nseg)
+        return kind, seq, nseg
+
+    def _check_lengths(self, lens_raw: bytes, nseg: int) -> tuple[int, ...]:
         lengths = struct.unpack(f"!{nseg}Q", lens_raw)
         total = sum(lengths)
         if total > self.max_frame:
             raise ProtocolError(f"frame of {total} bytes exceeds the limit of {self.max_frame}")
-        mac_given = await reader.readexactly(MAC_SIZE)
+        return lengths
+
+    def _new_mac(self, head: bytes, lens_raw: bytes) -> Any:
         mac = hmac.new(self._recv_key, head, hashlib.sha256)
         mac.update(lens_raw)
-        segments = []
-        for n in lengths:
-            seg = await _read_segment(reader, n)
-            mac.update(seg)
-            segments.append(seg)
+        return mac
+
+    def _finish(self, kind: int, seq: int, mac: Any, mac_given: bytes,
+                segments: list) -> Frame:
         if not hmac.compare_digest(mac.digest(), mac_given):
             raise ProtocolError("frame signature does not verify (wrong key or tampered frame)")
         if seq != self._recv_seq:
@@ -167,6 +167,122 @@ class Codec:
         except ValueError:
             raise ProtocolError(f"unknown frame kind {kind}") from None
         return Frame(k, loads_meta(segments[0]), segments[1:])
+
+    async def read(self, reader: Reader) -> Frame:
+        """Read, check and return one frame. Raises ProtocolError on anything not genuine,
+        and EOFError (asyncio.IncompleteReadError) when the stream ends between frames."""
+        head = await reader.readexactly(HEADER.size)
+        kind, seq, nseg = self._check_header(head)
+        lens_raw = await reader.readexactly(8 * nseg)
+        lengths = self._check_lengths(lens_raw, nseg)
+        mac_given = await reader.readexactly(MAC_SIZE)
+        mac = self._new_mac(head, lens_raw)
+        segments = []
+        for n in lengths:
+            seg = await _read_segment(reader, n)
+            mac.update(seg)
+            segments.append(seg)
+        return self._finish(kind, seq, mac, mac_given, segments)
+
+
+class FrameParser:
+    """Turns a byte stream into checked frames, as the bytes arrive (no awaits per field).
+
+    Small parts gather in one buffer; a large segment (an array) is filled in place, chunk by
+    chunk, so it is held once and comes out writable. Errors are raised by :meth:`feed`.
+    """
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        self._buf = bytearray()
+        self._need = HEADER.size
+        self._stage = 0          # 0 header, 1 lengths+mac, 2 segments
+        self._head = b""
+        self._frame: tuple = ()
+        self._lengths: tuple[int, ...] = ()
+        self._segments: list = []
+        self._mac: Any = None
+        self._big: memoryview | None = None
+        self._big_obj: bytearray | None = None
+        self._big_pos = 0
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Take the next bytes of the stream; return the frames they complete."""
+        frames: list[Frame] = []
+        view = memoryview(data).cast("B")
+        while view:
+            if self._big is not None:
+                n = min(len(view), len(self._big) - self._big_pos)
+                self._big[self._big_pos:self._big_pos + n] = view[:n]
+                self._mac.update(view[:n])
+                self._big_pos += n
+                view = view[n:]
+                if self._big_pos == len(self._big):
+                    self._segments.append(self._big_obj)
+                    self._big = self._big_obj = None
+                    self._step(frames)
+                continue
+            self._buf += view
+            view = view[:0]
+            self._step(frames)
+        return frames
+
+    def _step(self, frames: list[Frame]) -> None:
+        while True:
+            if self._stage == 0:
+                if len(self._buf) < HEADER.size:
+                    return
+                self._head = bytes(self._buf[:HEADER.size])
+                del self._buf[:HEADER.size]
+                kind, seq, nseg = self.codec._check_header(self._head)
+                self._frame = (kind, seq, nseg)
+                self._stage = 1
+            elif self._stage == 1:
+                nseg = self._frame[2]
+                if len(self._buf) < 8 * nseg:
+                    return
+                # Sizes are checked as soon as they are known, before waiting for more.
+                lens_raw = bytes(self._buf[:8 * nseg])
+                self._lengths = self.codec._check_lengths(lens_raw, nseg)
+                if len(self._buf) < 8 * nseg + MAC_SIZE:
+                    return
+                self._mac_given = bytes(self._buf[8 * nseg:8 * nseg + MAC_SIZE])
+                del self._buf[:8 * nseg + MAC_SIZE]
+                self._mac = self.codec._new_mac(self._head, lens_raw)
+                self._segments = []
+                self._stage = 2
+            else:
+                while len(self._segments) < len(self._lengths):
+                    n = self._lengths[len(self._segments)]
+                    if n >= _CHUNK and len(self._buf) < n:
+                        self._big_obj = bytearray(n)
+                        self._big = memoryview(self._big_obj)
+                        have = len(self._buf)
+                        self._big[:have] = self._buf
+                        self._mac.update(self._buf)
+                        self._big_pos = have
+                        self._buf = bytearray()
+                        return
+                    if len(self._buf) < n:
+                        return
+                    seg = bytes(self._buf[:n])
+                    del self._buf[:n]
+                    self._mac.update(seg)
+                    self._segments.append(seg)
+                kind, seq, _ = self._frame
+                frames.append(self.codec._finish(kind, seq, self._mac, self._mac_given,
+                                                 self._segments))
+                self._segments = []
+                self._stage = 0
+
+
+async def read_frames(reader: Reader, parser: FrameParser, size: int = 1 << 18
+                      ) -> list[Frame]:
+    """Wait for bytes and return the frames they complete (maybe none); EOFError at the end."""
+    data = await reader.read(size)
+    if not data:
+        raise EOFError("the stream ended")
+    return parser.feed(data)
 
 
 async def _read_segment(reader: Reader, n: int) -> bytes | bytearray:

@@ -206,8 +206,12 @@ class AsyncResult(concurrent.futures.Future):
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until ready or ``timeout`` seconds pass; return whether it is ready."""
-        done, _ = concurrent.futures.wait([self], timeout)
-        return bool(done)
+        if self.done():
+            return True
+        with self._condition:  # the Future's own condition: notified when it completes
+            if not self.done():
+                self._condition.wait(timeout)
+        return self.done()
 
     def successful(self) -> bool:
         """Whether it finished without error. Raises ValueError while not ready."""

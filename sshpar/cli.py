@@ -43,8 +43,10 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
-_STYLE = {"ok": "green", "idle": "green", "busy": "yellow", "warn": "yellow", "lost": "red",
-          "fail": "red", "skip": "dim"}
+_STYLE = {"ok": "green", "idle": "green", "busy": "yellow", "warn": "yellow",
+          "reconnecting": "yellow", "lost": "red", "unresponsive": "red", "fail": "red",
+          "skip": "dim"}
+_FAILED_STATES = ("lost", "unresponsive")
 
 
 class Ui:
@@ -112,8 +114,8 @@ def _host_errors(rc: Client) -> dict[str, str]:
 def cmd_start(args: argparse.Namespace, ui: Ui) -> int:
     """Start the engines of a hosts file and leave them running.
 
-    Shows each host's progress, then the engines (id, host, pid), and writes the cluster file
-    that a later `sshpar.Client()` reads. A cluster that is already running is reused.
+    Shows each host's progress, then the engines, and writes the cluster file that a later
+    `sshpar.Client()` reads. A cluster that is already running is reused.
     """
     spec = load_hosts(args.file)
     if args.engines is not None:
@@ -174,10 +176,10 @@ def _chosen(args: argparse.Namespace, ui: Ui) -> list[str]:
 
 
 def cmd_status(args: argparse.Namespace, ui: Ui) -> int:
-    """Show the engines of a running cluster (default: the last one started).
+    """Show the engines of a running cluster (by default the last one started).
 
-    For each engine: id, host, pid, state (idle, busy or lost), tasks queued and done,
-    uptime and Python version. Exit 1 if an engine is lost, 3 if a host cannot be reached.
+    Per engine: id, host, pid, state (idle, busy, lost...), tasks queued and done, uptime,
+    Python version. Exit 1 if an engine is lost, 3 if a host cannot be reached.
     """
     names = _chosen(args, ui)
     if not names:
@@ -190,7 +192,7 @@ def cmd_status(args: argparse.Namespace, ui: Ui) -> int:
             problems = _host_errors(rc)
         finally:
             rc.close()
-        lost = any(r["state"] == "lost" for r in rows)
+        lost = any(r["state"] in _FAILED_STATES for r in rows)
         code = max(code, EXIT_HOST if problems else EXIT_FAILED if lost else EXIT_OK)
         docs.append({"cluster": name, "default": name == default, "engines": rows,
                      "errors": problems})
@@ -207,10 +209,11 @@ def _status_table(ui: Ui, doc: dict[str, Any], lost: bool) -> None:
     table = Table("id", _host_column(), "pid", "state", "queued", "done", "uptime", "python",
                   title=escape(title))
     for r in doc["engines"]:
-        table.add_row(str(r["id"]), escape(r["host"]), str(r["pid"]),
-                      f"[{_STYLE[r['state']]}]{r['state']}[/]", str(r.get("queued", "-")),
-                      str(r.get("done", "-")),
-                      _duration(r["uptime"]) if "uptime" in r else "-", r.get("python", "-"))
+        state = f"[{_STYLE.get(r['state'], '')}]{r['state']}[/]"
+        uptime = _duration(r["uptime"]) if "uptime" in r else "-"
+        table.add_row(str(r["id"]), escape(r["host"]), str(r["pid"]), state,
+                      str(r.get("queued", "-")), str(r.get("done", "-")), uptime,
+                      r.get("python", "-"))
     ui.out.print(table)
     for message in doc["errors"].values():
         ui.warn(message)
@@ -220,7 +223,7 @@ def _status_table(ui: Ui, doc: dict[str, Any], lost: bool) -> None:
 
 
 def cmd_stop(args: argparse.Namespace, ui: Ui) -> int:
-    """Stop the engines of a cluster; remove their sockets and the cluster file.
+    """Stop a cluster's engines; remove their sockets and the cluster file.
 
     If a host cannot be reached, nothing is removed unless --force is given: then the
     engines that can be reached are stopped and the cluster file is removed anyway.
@@ -262,7 +265,7 @@ def _stop_one(name: str, force: bool, ui: Ui) -> int:
 
 # -- exec / run ---------------------------------------------------------------------------------
 def cmd_exec(args: argparse.Namespace, ui: Ui) -> int:
-    """Execute Python code in the engines' namespaces.
+    """Execute Python code on engines, in their namespaces.
 
     Each engine's output is printed as it arrives, prefixed [engine N@host]; remote errors
     are shown as tracebacks and make the exit status 1.
@@ -272,7 +275,7 @@ def cmd_exec(args: argparse.Namespace, ui: Ui) -> int:
 
 
 def cmd_run(args: argparse.Namespace, ui: Ui) -> int:
-    """Upload a local Python script and run it in the engines' namespaces.
+    """Upload a local Python script and run it on engines.
 
     The file is read here and its text sent: engines need not see this machine's disk.
     Output and errors are shown as for `sshpar exec`.
@@ -299,7 +302,12 @@ def _on_engines(args: argparse.Namespace, ui: Ui,
             ui.error(str(exc))
             return EXIT_USAGE if isinstance(exc, IndexError) else EXIT_FAILED
         ar = submit(view)
-        _stream_outputs(rc, ar, ui)
+        try:
+            _stream_outputs(rc, ar, ui)
+        except KeyboardInterrupt:
+            ui.error(f"interrupted; the engines keep running the task: fetch its results with "
+                     f"sshpar.Client().get_result(msg_id) for msg_id in {ar.msg_ids}")
+            return EXIT_INTERRUPTED
         failure = ar.exception()
     finally:
         rc.close()
@@ -333,11 +341,11 @@ def _stream_outputs(rc: Client, ar: AsyncResult, ui: Ui, interval: float = 0.05)
 
 # -- check / demo -------------------------------------------------------------------------------
 def cmd_check(args: argparse.Namespace, ui: Ui) -> int:
-    """Check that every host of a hosts file can run engines (in parallel).
+    """Check that the hosts of a hosts file can run engines.
 
-    Per host: the SSH connection, authentication and host key; the remote Python, its path
-    and whether its minor version matches this one; whether sshd forwards to Unix sockets
-    (if not, sshpar relays: a warning); the round-trip time. Exit 0 if every host is usable.
+    All hosts at once; per host: SSH connection, authentication and host key; the remote
+    Python, its path and whether its minor version matches; whether sshd forwards to Unix
+    sockets (if not, sshpar relays: a warning); the round-trip time. Exit 0 if all usable.
     """
     spec = load_hosts(args.file)
     with ui.info.status(f"checking {len(spec.hosts)} host(s)…"):
@@ -364,7 +372,10 @@ def cmd_check(args: argparse.Namespace, ui: Ui) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, ui: Ui) -> int:
-    """Start engines on this machine (no SSH, nothing to configure) and tour the examples."""
+    """Start local engines and tour the examples.
+
+    The engines run on this machine (no SSH, nothing to configure).
+    """
     from ._demo import run_demo
 
     run_demo(args.engines, console=ui.out)
@@ -377,13 +388,10 @@ exit codes: 0 ok; 1 a task or engine failed; 2 usage or configuration error;
             3 a host could not be reached or started"""
 
 _EXAMPLES = """
-examples:
-  sshpar check -f hosts.yaml          can every host run engines?
-  sshpar start -f hosts.yaml -n 4     start 4 engines per host, leave them running
-  sshpar exec -t 0,2 "import os; print(os.getpid())"
-  sshpar run analysis.py              upload and run a local script on every engine
-  sshpar status                       the engines of the last cluster started
-  sshpar stop                         stop them and remove the cluster file"""
+examples (docs/cli.md has more):
+  sshpar check -f hosts.yaml && sshpar start -f hosts.yaml -n 4
+  sshpar exec -t 0,2 "import os; print(os.getpid())"; sshpar run job.py
+  sshpar status; sshpar stop"""
 
 
 def _parser() -> argparse.ArgumentParser:

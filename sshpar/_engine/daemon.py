@@ -233,10 +233,11 @@ class Daemon:
         self.conns.add(conn)
         self._arm_idle()
         conn.send(_wire.Kind.REPLY, {"op": "hello", **self.info()})
+        parser = _wire.FrameParser(codec)
         try:
             while True:
-                frame = await codec.read(reader)
-                self._dispatch(frame, conn)
+                for frame in await _wire.read_frames(reader, parser):
+                    self._dispatch(frame, conn)
         except (asyncio.IncompleteReadError, ConnectionError, EOFError):
             pass
         except ProtocolError as exc:
