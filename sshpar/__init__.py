@@ -17,24 +17,62 @@ from .config import HostSpec as HostSpec
 from .config import load_hosts as load_hosts
 from .errors import (
     AuthenticationError as AuthenticationError,
+)
+from .errors import (
     BootstrapError as BootstrapError,
+)
+from .errors import (
     CompositeError as CompositeError,
+)
+from .errors import (
     ConfigError as ConfigError,
+)
+from .errors import (
     ConnectTimeoutError as ConnectTimeoutError,
+)
+from .errors import (
     EngineError as EngineError,
+)
+from .errors import (
     EngineInfo as EngineInfo,
+)
+from .errors import (
     HostError as HostError,
+)
+from .errors import (
     HostKeyError as HostKeyError,
+)
+from .errors import (
     HostUnreachableError as HostUnreachableError,
+)
+from .errors import (
     NoEnginesError as NoEnginesError,
+)
+from .errors import (
     ProtocolError as ProtocolError,
+)
+from .errors import (
     PythonVersionError as PythonVersionError,
+)
+from .errors import (
     RemoteError as RemoteError,
+)
+from .errors import (
     SerializationError as SerializationError,
+)
+from .errors import (
     SshparError as SshparError,
+)
+from .errors import (
     StartError as StartError,
+)
+from .errors import (
     TaskAborted as TaskAborted,
+)
+from .errors import (
     TimeoutError as TimeoutError,
+)
+from .errors import (
     UnmetDependencyError as UnmetDependencyError,
 )
 from .view import DirectView as DirectView

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import cloudpickle
 
+from ._transport import Transport
 from .config import HostSpec
 from .errors import BootstrapError, PythonVersionError
-from ._transport import Transport
 
 log = logging.getLogger("sshpar.bootstrap")
 
@@ -123,7 +123,7 @@ async def launch(transport: Transport, spec: HostSpec, *, cluster: str, key: byt
                  engines: int | None, timeout: float = LAUNCH_TIMEOUT) -> LaunchReport:
     """Upload the bundle if this host lacks it, start ``engines`` daemons, return them."""
     bundle = build_bundle()
-    version = "%d.%d" % sys.version_info[:2]
+    version = "{}.{}".format(*sys.version_info[:2])
     check = (_prelude(spec) + f'B="$W/bundles/{bundle.name}"\n'
              f'[ -f "$B" ] || {{ echo {_NEED_BUNDLE}; exit 0; }}\n'
              f"exec {spec.python} \"$B\" launch {version}")

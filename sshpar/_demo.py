@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 import tempfile
 import textwrap
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from rich.console import Console
 from rich.panel import Panel

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from .errors import TimeoutError
 
@@ -47,7 +48,8 @@ class LoopThread:
         if self.in_loop:
             raise RuntimeError("sshpar: a blocking call was made from the sshpar IO thread "
                                "(use the *_async form in callbacks)")
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+        fut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(
+            coro, self.loop)  # type: ignore[arg-type]
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:

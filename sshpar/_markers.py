@@ -8,7 +8,8 @@ from __future__ import annotations
 import functools
 import importlib
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import UnmetDependencyError
 
@@ -83,7 +84,7 @@ def require(*modules: str | types.ModuleType) -> Callable[[Callable], Callable]:
             g = getattr(f, "__globals__", None)
             for name in names:
                 try:
-                    module = importlib.import_module(name)
+                    importlib.import_module(name)
                 except ImportError as exc:
                     raise UnmetDependencyError(
                         "UnmetDependencyError",

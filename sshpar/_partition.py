@@ -5,7 +5,8 @@ Layer: API helpers. Imports the standard library only (numpy is used when given 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def _is_ndarray(obj: Any) -> bool:

@@ -15,8 +15,7 @@ if TYPE_CHECKING:
 def progress_bar(ar: AsyncResult, *, interval: float = 0.1, timeout: float | None = None,
                  console: Any = None) -> bool:
     """Show finished/total tasks of ``ar`` until it is ready or ``timeout`` passes."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-    from rich.progress import TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     deadline = None if timeout is None else time.monotonic() + timeout
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -12,7 +12,8 @@ import logging
 import os
 import shlex
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import _bootstrap
 from ._channel import CONTROL_TIMEOUT, EngineChannel
@@ -284,10 +285,10 @@ class Cluster:
                 self.engines[next_id] = channel
                 opening.append(channel)
                 next_id += 1
-        results = await asyncio.gather(
+        opened = await asyncio.gather(
             *(asyncio.wait_for(ch.open(self.key), CHANNEL_TIMEOUT) for ch in opening),
             return_exceptions=True)
-        failed = [(ch, r) for ch, r in zip(opening, results) if isinstance(r, BaseException)]
+        failed = [(ch, r) for ch, r in zip(opening, opened) if isinstance(r, BaseException)]
         if failed:
             await self.shutdown()
             ch, exc = failed[0]

@@ -26,7 +26,8 @@ import io
 import os
 import pickle
 import struct
-from typing import Any, Iterable, Protocol, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
 from .errors import ProtocolError
 

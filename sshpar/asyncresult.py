@@ -15,7 +15,8 @@ import datetime
 import sys
 import threading
 import time
-from typing import Any, Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
 
 from . import _serialize
 from .errors import (
@@ -134,11 +135,10 @@ class TaskRecord:
         try:
             value = _serialize.loads(self.payload)
         except Exception as exc:
-            err = SerializationError(
+            return False, SerializationError(
                 f"the result ({self.result_type or 'unknown type'}) from {self.engine} could "
                 f"not be unpickled here: {type(exc).__name__}: {exc} — is the module that "
                 "defines it importable on the client?")
-            return False, err
         return True, value
 
     def metadata(self) -> dict:
@@ -233,9 +233,10 @@ class AsyncResult(concurrent.futures.Future):
         try:
             ready = self.wait(timeout)
         except KeyboardInterrupt as exc:
-            exc.add_note(f"sshpar: the task(s) {', '.join(self.msg_ids)} keep running; fetch "
-                         "later with rc.get_result(msg_id) or stop with ar.abort()/"
-                         "view.interrupt()")
+            if hasattr(exc, "add_note"):  # Python 3.11+
+                exc.add_note(f"sshpar: the task(s) {', '.join(self.msg_ids)} keep running; "
+                             "fetch later with rc.get_result(msg_id) or stop with "
+                             "ar.abort()/view.interrupt()")
             raise
         if not ready:
             raise TimeoutError(f"Result not ready after {timeout:g} s." if timeout else
@@ -259,7 +260,8 @@ class AsyncResult(concurrent.futures.Future):
         with self._lock:
             if self._outcome is not _UNSET:
                 return self._outcome
-        values, errors = [], []
+        values: list[Any] = []
+        errors: list[BaseException] = []
         for rec in self._records:
             ok, v = rec.outcome()
             (values if ok else errors).append(v)
@@ -279,7 +281,7 @@ class AsyncResult(concurrent.futures.Future):
         with self._lock:
             if self._outcome is _UNSET:
                 self._outcome = outcome
-            return self._outcome
+            return self._outcome  # type: ignore[return-value]
 
     # -- concurrent.futures.Future ----------------------------------------------------------
     def result(self, timeout: float | None = None) -> Any:

@@ -9,17 +9,17 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import threading
 import time
 import uuid
 import weakref
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from ._loop import LoopThread
+from . import _clusterfile
 from ._channel import EngineChannel
+from ._loop import LoopThread
 from ._session import Cluster, new_key
 from .asyncresult import AsyncResult, TaskRecord
-from . import _clusterfile
 from .config import ClusterSpec, load_hosts
 from .errors import ConfigError, EngineInfo, NoEnginesError
 from .view import DirectView, Targets
@@ -54,6 +54,8 @@ class Client:
                  timeout: float = DEFAULT_START_TIMEOUT, allow_partial: bool = False,
                  on_progress: Callable[[str, str], None] | None = None) -> None:
         self._closed = True
+        self._cluster: Cluster
+        self.spec: ClusterSpec
         # Every result by msg_id while someone holds it; results not yet handed to the user
         # (by get()) are also held here, so a dropped AsyncResult can still be fetched.
         self._results: weakref.WeakValueDictionary[str, AsyncResult] = \
@@ -79,8 +81,13 @@ class Client:
         self.start_errors: dict[str, BaseException] = dict(self._cluster.start_errors)
         # At interpreter exit, disconnect cleanly (engines keep running, as with close()).
         ref = weakref.ref(self)
-        self._atexit = lambda: (c := ref()) is not None and c.close()
-        atexit.register(self._atexit)
+        def close_at_exit() -> None:
+            client = ref()
+            if client is not None:
+                client.close()
+
+        self._atexit = close_at_exit
+        atexit.register(close_at_exit)
 
     def _start_or_reuse(self, spec: ClusterSpec, timeout: float, allow_partial: bool,
                         on_progress: Callable[[str, str], None] | None) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from . import _partition, _serialize
 from ._engine import ops
@@ -109,7 +110,7 @@ class DirectView:
         ids, single = self._resolve_targets(targets)
         if not ids:
             raise NoEnginesError("this view has no engines to run on")
-        name = fname or getattr(f, "__name__", type(f).__name__)
+        name = fname or str(getattr(f, "__name__", type(f).__name__))
         files: set[str] = set()
         payload = _pickle_call(f, args, kwargs, name, files)
         ar = self.client._submit(ids, single, [payload] * len(ids), fname=name,

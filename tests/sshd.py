@@ -49,6 +49,11 @@ _DEFAULTS: dict[str, str] = {
     "LogLevel": "VERBOSE",
     "MaxSessions": "64",
     "MaxStartups": "100:30:200",
+    # bash sources ~/.bashrc for commands run by sshd unless SHLVL says it is nested. This
+    # machine's .bashrc runs `pyenv init`, whose rehash lock made concurrent sessions wait up
+    # to 60 s (and a session killed mid-rehash leaves the lock behind). Tests must not
+    # depend on the account's shell start-up files.
+    "SetEnv": "SHLVL=1",
 }
 
 
@@ -111,7 +116,7 @@ class SSHServer:
     def restart(self, *, connections: bool = True) -> None:
         """Stop, then start again on the same port with the same keys and config."""
         self.stop(connections=connections)
-        self.proc = _spawn_ready(self.config_path, self.log_path, self.port, self.wrap)
+        self.proc = _spawn_ready(self.config_path, self.log_path, self.port, self.wrap, self.host)
 
     def hosts_yaml(
         self,
@@ -149,6 +154,7 @@ def start_sshd(
     extra_config: str = "",
     port: int | None = None,
     wrap: tuple[str, ...] = (),
+    listen: str = "127.0.0.1",
 ) -> SSHServer:
     """Generate keys and config in `base_dir`, start sshd, and wait until it sends its banner.
 
@@ -159,6 +165,10 @@ def start_sshd(
         port: listen here; by default a free port is picked (and re-picked if taken).
         wrap: a command prefix that ends by exec-ing its arguments (sshd's argv is appended),
             e.g. to run sshd in a private mount namespace; it must keep sshd's pid.
+        listen: the IPv4 address sshd listens on (and the known_hosts line names); another
+            one than loopback needs a `wrap` that puts sshd where that address exists, e.g.
+            `("ip", "netns", "exec", NAME)`. With `port` unset, the port is picked free on
+            this side, which a fresh network namespace also has free.
 
     Raises:
         SSHDError: sshd is not installed, or did not become ready (the message has its log).
@@ -184,17 +194,18 @@ def start_sshd(
 
     for attempt in range(1 if port is not None else START_ATTEMPTS):
         chosen = port if port is not None else _free_port()
-        config.write_text(_config_text(base_dir, chosen, host_key, extra_config, user))
+        config.write_text(_config_text(base_dir, chosen, host_key, extra_config, user, listen))
         try:
-            proc = _spawn_ready(config, log, chosen, wrap)
+            proc = _spawn_ready(config, log, chosen, wrap, listen)
         except _PortTaken:
             if port is not None or attempt == START_ATTEMPTS - 1:
                 raise SSHDError(f"port {chosen} is in use:\n{_read(log)}") from None
             continue
         break
-    known_hosts.write_text(f"[127.0.0.1]:{chosen} {host_pubkey}\n")
+    known_hosts.write_text(f"[{listen}]:{chosen} {host_pubkey}\n")
     return SSHServer(
         port=chosen,
+        host=listen,
         workdir=base_dir,
         host_key_path=host_key,
         host_pubkey=host_pubkey,
@@ -259,7 +270,9 @@ def _account_locked(user: str) -> bool:
     return False
 
 
-def _config_text(base: Path, port: int, host_key: Path, extra: str, user: str) -> str:
+def _config_text(
+    base: Path, port: int, host_key: Path, extra: str, user: str, listen: str = "127.0.0.1"
+) -> str:
     lines = extra.splitlines()
     match_at = next(
         (i for i, ln in enumerate(lines) if ln.strip().lower().startswith("match ")), len(lines)
@@ -273,7 +286,7 @@ def _config_text(base: Path, port: int, host_key: Path, extra: str, user: str) -
         [
             "# written by tests/sshd.py",
             f"Port {port}",
-            "ListenAddress 127.0.0.1",
+            f"ListenAddress {listen}",
             f"HostKey {host_key}",
             f"PidFile {base / 'sshd.pid'}",
             f"AuthorizedKeysFile {base / 'authorized_keys'}",
@@ -294,7 +307,7 @@ def _pdeathsig_prefix() -> list[str]:
 
 
 def _spawn_ready(
-    config: Path, log: Path, port: int, wrap: tuple[str, ...] = ()
+    config: Path, log: Path, port: int, wrap: tuple[str, ...] = (), listen: str = "127.0.0.1"
 ) -> subprocess.Popen[bytes]:
     """Start sshd and return it once it sends "SSH-2.0"; raise _PortTaken or SSHDError."""
     start = log.stat().st_size if log.exists() else 0
@@ -319,7 +332,7 @@ def _spawn_ready(
             )
         # sshd writes its pid file only after binding, so this proves the banner is ours and
         # not from whoever else may have taken the port since we picked it.
-        if _read(pidfile).strip() == str(proc.pid) and _banner(port):
+        if _read(pidfile).strip() == str(proc.pid) and _banner(port, listen):
             # Let the child that served our probe exit, so sshd_pids() starts out as [listener].
             while _sshd_descendants(proc.pid) and time.monotonic() < deadline:
                 time.sleep(0.005)
@@ -328,15 +341,15 @@ def _spawn_ready(
             proc.kill()
             proc.wait()
             raise SSHDError(
-                f"sshd did not send its banner on 127.0.0.1:{port} within {READY_TIMEOUT} s; "
+                f"sshd did not send its banner on {listen}:{port} within {READY_TIMEOUT} s; "
                 f"config {config}, log {log}:\n{_read(log)[start:]}"
             )
         time.sleep(0.01)
 
 
-def _banner(port: int) -> bool:
+def _banner(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+        with socket.create_connection((host, port), timeout=0.5) as s:
             return s.recv(64).startswith(b"SSH-2.0")
     except OSError:
         return False

@@ -14,7 +14,8 @@ import threading
 import time
 import traceback
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .. import _serialize
 from .._markers import resolve_references
@@ -90,7 +91,7 @@ class Task:
                  "aborted", "queued_at")
 
     def __init__(self, msg_id: str, meta: dict, payload: list, owner: Any,
-                 on_output: Callable[["Task"], None]) -> None:
+                 on_output: Callable[[Task], None]) -> None:
         self.msg_id = msg_id
         self.meta = meta
         self.payload = payload
@@ -299,7 +300,7 @@ def error_record(exc: BaseException) -> dict:
     """Describe an exception in plain data: the error, its frames, and its cause chain."""
     tb = _user_tb(exc.__traceback__)
     record = _one(exc, tb)
-    chain = []
+    chain: list[dict] = []
     seen = {id(exc)}
     cur: BaseException | None = exc
     while cur is not None and len(chain) < 10:

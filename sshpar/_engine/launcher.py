@@ -66,7 +66,8 @@ def main(argv: list[str]) -> None:
     started = [spawn(conf, bundle, run_dir, log_dir) for _ in range(int(count))]
     deadline = time.monotonic() + READY_TIMEOUT
     try:
-        engines = [wait_ready(*s, deadline=deadline) for s in started]
+        engines = [wait_ready(proc, r, uid, sock, log, deadline)
+                   for proc, r, uid, sock, log in started]
     except StartFailed as exc:
         # Leave nothing behind: stop every engine of this launch, started or not.
         for proc, *_ in started:

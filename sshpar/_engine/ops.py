@@ -5,7 +5,8 @@ Layer: engine. Shipped to engines; the client imports it only to name these func
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 #: The running engine's executor, set by the daemon at start (None in the client process).
 EXECUTOR: Any = None

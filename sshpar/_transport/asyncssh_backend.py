@@ -137,12 +137,14 @@ class AsyncsshTransport(Transport):
             proc = await asyncio.wait_for(
                 conn.run(command, input=input, encoding=None, check=False), timeout)
         except asyncio.TimeoutError:
-            raise ConnectTimeoutError(self.label,
-                                      f"remote command did not finish within {timeout:g} s")
+            raise ConnectTimeoutError(
+                self.label, f"remote command did not finish within {timeout:g} s") from None
         except (asyncssh.Error, OSError) as exc:
             raise _map_error(self.spec, exc) from exc
         status = proc.exit_status if proc.exit_signal is None else None
-        return CommandResult(status, proc.stdout or b"", proc.stderr or b"")
+        out, err = proc.stdout or b"", proc.stderr or b""
+        assert isinstance(out, bytes) and isinstance(err, bytes)  # encoding=None
+        return CommandResult(status, out, err)
 
     async def open_unix(self, path: str) -> tuple[StreamReader, StreamWriter]:
         conn = self._require()

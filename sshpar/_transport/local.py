@@ -37,7 +37,8 @@ class LocalTransport(Transport):
         except asyncio.TimeoutError:
             proc.kill()
             await proc.wait()
-            raise ConnectTimeoutError(self.label, f"command did not finish within {timeout:g} s")
+            raise ConnectTimeoutError(
+                self.label, f"command did not finish within {timeout:g} s") from None
         status = proc.returncode if proc.returncode is not None and proc.returncode >= 0 else None
         return CommandResult(status, out, err)
 
