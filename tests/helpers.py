@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -44,3 +45,51 @@ def wait_until(predicate, timeout: float = GONE_TIMEOUT, what: str = "condition"
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
+
+
+def processes_naming(path) -> list[int]:
+    """Live processes (not zombies) whose command line names ``path`` (or a path below it):
+    the engines, nannies and launchers of a workdir, which all run its bundle."""
+    mark = str(path).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and mark in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            pass  # gone meanwhile
+    return [pid for pid in found if alive(pid)]
+
+
+def vm_rss(pid: int) -> int:
+    """Resident set size of a process in bytes, from /proc/PID/status (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def interactive(source: str, **names) -> dict:
+    """Define functions as if typed at an IPython prompt (module ``__main__``), so that
+    cloudpickle sends them by value, as it would a user's."""
+    import textwrap
+
+    ns = {"__name__": "__main__", **names}
+    exec(textwrap.dedent(source), ns)
+    return ns
+
+
+@contextlib.contextmanager
+def running_client(server, base: Path, *, engines: int = 2, **extra):
+    """A Client on ``server``'s host, shut down at the end with its engines confirmed gone."""
+    import sshpar
+
+    hosts = server.hosts_yaml(base / "hosts.yaml", engines=engines, workdir=base / "w",
+                              extra=extra or None)
+    client = sshpar.Client(hosts=hosts)
+    try:
+        yield client
+    finally:
+        pids = engine_pids(client)
+        client.shutdown()
+        wait_gone(pids)

@@ -129,7 +129,7 @@ class Executor:
         self.namespace = Namespace(__name__="__main__", __builtins__=__builtins__)
         # names a shipped function brought with it (not set by engine code): refreshed when a
         # newer function brings them again; anything the engine set itself is left alone.
-        self._brought: dict[str, int] = {}
+        self._brought: dict[str, Any] = {}
         self._counter = 0
         self.current: Task | None = None
         self.in_user_code = False          # the SIGINT handler raises only while this holds
@@ -188,18 +188,18 @@ class Executor:
             if obj.__module__ == "__main__" and obj.__globals__ is not self.namespace:
                 return self._rebind_function(obj, seen)
             seen[id(obj)] = obj
-            for cell in obj.__closure__ or ():
-                try:
-                    value = cell.cell_contents
-                except ValueError:
-                    continue
-                new = self._rebind(value, seen)
-                if new is not value:
-                    cell.cell_contents = new
-            return obj
-        if isinstance(obj, (types.MethodType, )):
-            return obj
+            self._rebind_cells(obj, seen)
         return obj
+
+    def _rebind_cells(self, f: types.FunctionType, seen: dict[int, Any]) -> None:
+        for cell in f.__closure__ or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            new = self._rebind(value, seen)
+            if new is not value:
+                cell.cell_contents = new
 
     def _rebind_function(self, f: types.FunctionType, seen: dict[int, Any]) -> Any:
         ns = self.namespace
@@ -216,17 +216,10 @@ class Executor:
                 continue
             value = self._rebind(brought[name], seen)
             current = ns.get(name, _MISSING)
-            if current is _MISSING or self._brought.get(name) == id(current):
+            if current is _MISSING or self._brought.get(name, _MISSING) is current:
                 ns[name] = value
-                self._brought[name] = id(value)
-        for cell in f.__closure__ or ():
-            try:
-                value = cell.cell_contents
-            except ValueError:
-                continue
-            replaced = self._rebind(value, seen)
-            if replaced is not value:
-                cell.cell_contents = replaced
+                self._brought[name] = value
+        self._rebind_cells(new, seen)
         return new
 
     def compile_source(self, source: str, filename: str | None = None) -> types.CodeType:

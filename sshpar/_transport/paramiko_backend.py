@@ -434,8 +434,8 @@ class ParamikoTransport(Transport):
             stdout, stderr, status = await asyncio.wait_for(finish(), timeout)
         except asyncio.TimeoutError:
             await writer.abort()
-            raise ConnectTimeoutError(self.label,
-                                      f"remote command did not finish within {timeout:g} s")
+            raise ConnectTimeoutError(
+                self.label, f"remote command did not finish within {timeout:g} s") from None
         except BaseException:
             await writer.abort()
             raise

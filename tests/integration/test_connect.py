@@ -102,7 +102,7 @@ def test_missing_remote_python(sshd_session, tmp_path):
 
 
 def _other_minor_python() -> str | None:
-    mine = "%d.%d" % sys.version_info[:2]
+    mine = "{}.{}".format(*sys.version_info[:2])
     candidates = [shutil.which(f"python3.{m}") for m in range(8, 15)]
     root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
     if root.is_dir():
@@ -125,7 +125,7 @@ def test_python_minor_version_mismatch_is_refused(sshd_session, tmp_path):
     with pytest.raises(p.PythonVersionError) as info:
         p.Client(hosts=_hosts(sshd_session, tmp_path, python=other))
     text = str(info.value)
-    assert "%d.%d" % sys.version_info[:2] in text
+    assert "{}.{}".format(*sys.version_info[:2]) in text
     assert "python:" in text
 
 

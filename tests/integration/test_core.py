@@ -11,20 +11,15 @@ from pathlib import Path
 import pytest
 
 import sshpar as p
-from tests.helpers import engine_pids, socket_paths, wait_gone
+from tests.helpers import engine_pids, running_client, socket_paths, wait_gone
 
 pytestmark = pytest.mark.ssh
 
 
 @pytest.fixture(scope="module")
 def rc(sshd_session, tmp_path_factory):
-    base = tmp_path_factory.mktemp("core")
-    hosts = sshd_session.hosts_yaml(base / "hosts.yaml", engines=2, workdir=base / "w")
-    client = p.Client(hosts=hosts)
-    yield client
-    pids = engine_pids(client)
-    client.shutdown()
-    wait_gone(pids)
+    with running_client(sshd_session, tmp_path_factory.mktemp("core")) as client:
+        yield client
 
 
 @pytest.fixture

@@ -7,21 +7,14 @@ import asyncio
 import io
 import os
 import shutil
-import textwrap
 
 import numpy
 import pytest
 
 import sshpar as p
-from tests.helpers import engine_pids, wait_gone, wait_until
+from tests.helpers import engine_pids, interactive, running_client, wait_gone, wait_until
 
 pytestmark = pytest.mark.ssh
-
-
-def interactive(source: str, **names) -> dict:
-    ns = {"__name__": "__main__", **names}
-    exec(textwrap.dedent(source), ns)
-    return ns
 
 
 HOLD = interactive("""
@@ -39,13 +32,8 @@ HOLD = interactive("""
 
 @pytest.fixture(scope="module")
 def rc(sshd_session, tmp_path_factory):
-    base = tmp_path_factory.mktemp("direct")
-    hosts = sshd_session.hosts_yaml(base / "hosts.yaml", engines=2, workdir=base / "w")
-    client = p.Client(hosts=hosts)
-    yield client
-    pids = engine_pids(client)
-    client.shutdown()
-    wait_gone(pids)
+    with running_client(sshd_session, tmp_path_factory.mktemp("direct")) as client:
+        yield client
 
 
 @pytest.fixture
@@ -176,9 +164,9 @@ def test_depend(rc):
 def test_sync_imports_forms(dv, capsys):
     with dv.sync_imports():
         import json as js
-        from os import path as osp
-        import xml.dom
+        import xml.dom  # noqa: F401 - used remotely below
         from math import sqrt
+        from os import path as osp
     out = capsys.readouterr().out
     assert "importing json as js on engine(s)" in out
     assert "importing path as osp from os on engine(s)" in out
@@ -295,7 +283,7 @@ def test_async_result_timing_and_progress(rc, tmp_path):
     ar = rc[:].apply_async(HOLD, str(gate), 5)
     assert ar.progress == 0
     with pytest.raises(ValueError):
-        ar.wall_time
+        _ = ar.wall_time
     assert ar.elapsed >= 0
     gate.touch()
     assert ar.get(30) == [5, 5]

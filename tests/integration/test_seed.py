@@ -8,34 +8,23 @@ in a `__main__` namespace (as they would be in IPython), so cloudpickle ships th
 from __future__ import annotations
 
 import os
-import textwrap
 import time
 
 import numpy
 import pytest
 
 import sshpar as p
-from tests.helpers import engine_pids, wait_gone
+from tests.helpers import interactive, running_client
 
 pytestmark = pytest.mark.ssh
 
 
-def interactive(source: str, **names) -> dict:
-    """Define functions as if typed at an IPython prompt (module __main__)."""
-    ns = {"__name__": "__main__", **names}
-    exec(textwrap.dedent(source), ns)
-    return ns
 
 
 @pytest.fixture(scope="module")
 def rc(sshd_session, tmp_path_factory):
-    base = tmp_path_factory.mktemp("seed")
-    hosts = sshd_session.hosts_yaml(base / "hosts.yaml", engines=2, workdir=base / "w")
-    client = p.Client(hosts=hosts)
-    yield client
-    pids = engine_pids(client)
-    client.shutdown()
-    wait_gone(pids)
+    with running_client(sshd_session, tmp_path_factory.mktemp("seed")) as client:
+        yield client
 
 
 @pytest.fixture
