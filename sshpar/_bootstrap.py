@@ -99,7 +99,8 @@ def _shell_path(path: str) -> str:
     return shlex.quote(path)
 
 
-def _prelude(spec: HostSpec) -> str:
+def shell_prelude(spec: HostSpec) -> str:
+    """Shell lines every remote command starts with: umask, `setup:`, `env:`, W=workdir."""
     lines = ["umask 077"]
     if spec.setup:
         lines.append(spec.setup)
@@ -112,7 +113,7 @@ def _prelude(spec: HostSpec) -> str:
 def python_command(spec: HostSpec, bundle: Bundle, *args: str) -> str:
     """A shell command running the bundle with ``args`` under the host's Python."""
     quoted = " ".join(shlex.quote(a) for a in args)
-    return (_prelude(spec) + f'B="$W/bundles/{bundle.name}"\n'
+    return (shell_prelude(spec) + f'B="$W/bundles/{bundle.name}"\n'
             f"exec {spec.python} \"$B\" {quoted}")
 
 
@@ -124,7 +125,7 @@ async def launch(transport: Transport, spec: HostSpec, *, cluster: str, key: byt
     """Upload the bundle if this host lacks it, start ``engines`` daemons, return them."""
     bundle = build_bundle()
     version = "{}.{}".format(*sys.version_info[:2])
-    check = (_prelude(spec) + f'B="$W/bundles/{bundle.name}"\n'
+    check = (shell_prelude(spec) + f'B="$W/bundles/{bundle.name}"\n'
              f'[ -f "$B" ] || {{ echo {_NEED_BUNDLE}; exit 0; }}\n'
              f"exec {spec.python} \"$B\" launch {version}")
     request = json.dumps({"key": key.hex(), "cluster": cluster, "engines": engines,
@@ -141,7 +142,7 @@ async def upload_bundle(transport: Transport, spec: HostSpec, bundle: Bundle, *,
                         timeout: float) -> None:
     log.info("%s: uploading engine bundle %s (%d bytes)", spec.label, bundle.name,
              len(bundle.data))
-    cmd = (_prelude(spec) + 'mkdir -p "$W/bundles" || exit 1\n'
+    cmd = (shell_prelude(spec) + 'mkdir -p "$W/bundles" || exit 1\n'
            f'T="$W/bundles/.{bundle.name}.$$"\n'
            f'cat > "$T" && mv -f "$T" "$W/bundles/{bundle.name}"')
     result = await transport.run(cmd, input=bundle.data, timeout=timeout)

@@ -69,10 +69,11 @@ class EngineChannel:
         """Connect to the engine's socket (or a relay), prove the key, read its greeting."""
         transport = self.host.transport
         try:
+            if not transport.supports_unix_streams:
+                raise ForwardingRefused("this backend cannot forward to Unix sockets")
             reader, writer = await transport.open_unix(self.socket_path)
-        except ForwardingRefused:
-            log.info("%s: streamlocal forwarding refused; relaying through an exec channel",
-                     self.host.label)
+        except ForwardingRefused as exc:
+            log.debug("%s: %s; relaying through an exec channel", self.host.label, exc)
             cmd = _bootstrap.python_command(self.host.spec, _bootstrap.build_bundle(),
                                             "relay", self.socket_path)
             reader, writer = await transport.open_exec(cmd)

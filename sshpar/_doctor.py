@@ -166,7 +166,7 @@ async def _connect(transport: Transport, spec: HostSpec) -> Probe:
 
 
 async def _python(transport: Transport, spec: HostSpec) -> list[Probe]:
-    cmd = _bootstrap._prelude(spec) + f"exec {spec.python} -c {shlex.quote(_PYTHON_INFO)}"
+    cmd = _bootstrap.shell_prelude(spec) + f"exec {spec.python} -c {shlex.quote(_PYTHON_INFO)}"
     try:
         result = await transport.run(cmd, timeout=COMMAND_TIMEOUT)
     except SshparError as exc:
@@ -198,7 +198,7 @@ async def _streamlocal(transport: Transport, spec: HostSpec) -> Probe:
         return Probe("streamlocal", Status.WARN, "relay",
                      f"{spec.label}: the {spec.backend} backend cannot forward to Unix "
                      "sockets; engines are reached through a relay command", "unsupported")
-    cmd = _bootstrap._prelude(spec) + f"exec {spec.python} -c {shlex.quote(_LISTENER)}"
+    cmd = _bootstrap.shell_prelude(spec) + f"exec {spec.python} -c {shlex.quote(_LISTENER)}"
     try:
         reader, writer = await transport.open_exec(cmd)
     except Exception as exc:  # noqa: BLE001 - open_exec may leak a backend's own error

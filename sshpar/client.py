@@ -21,7 +21,7 @@ from ._loop import LoopThread
 from ._session import Cluster, new_key
 from .asyncresult import AsyncResult, TaskRecord
 from .config import ClusterSpec, load_hosts
-from .errors import ConfigError, EngineInfo, NoEnginesError
+from .errors import ConfigError, EngineError, EngineInfo, NoEnginesError
 from .view import DirectView, Targets
 
 log = logging.getLogger("sshpar.client")
@@ -35,7 +35,7 @@ class Client:
     """A connection to a cluster of engines.
 
     Args:
-        url_file: a cluster file written by ``sshpar start`` (not yet supported here).
+        url_file: a cluster file written by ``sshpar start`` (or by an earlier Client).
         hosts: a hosts file (path) or a :class:`~sshpar.config.ClusterSpec`; its engines are
             started over SSH (or locally, for ``transport: local``).
         cluster: name of a running cluster (``profile=`` is an alias).
@@ -54,6 +54,8 @@ class Client:
                  timeout: float = DEFAULT_START_TIMEOUT, allow_partial: bool = False,
                  on_progress: Callable[[str, str], None] | None = None) -> None:
         self._closed = True
+        #: True when Client(hosts=...) found the cluster already running and attached to it.
+        self.reused = False
         self._cluster: Cluster
         self.spec: ClusterSpec
         # Every result by msg_id while someone holds it; results not yet handed to the user
@@ -98,6 +100,7 @@ class Client:
             alive = bool(self.ids)
             if alive and record.hosts == spec.hosts:
                 log.info("reusing running cluster %r (%d engines)", spec.name, len(self.ids))
+                self.reused = True
                 return
             self._io.run(self._cluster.close(), 30, what="closing connections")
             if alive:
@@ -137,8 +140,10 @@ class Client:
     def engine_status(self, timeout: float = 10.0) -> dict[int, dict[str, Any]]:
         """Each engine's state as the engine reports it, asked now.
 
-        Keys: id, host, pid, uuid, state ("idle", "busy", "lost"), queued, done, unacked,
-        clients, uptime (s), python ("3.11.7"), executable.
+        Keys: id, host, pid, uuid, state ("idle", "busy", "unresponsive" — not answering
+        heartbeats, "reconnecting" — its host's connection is being rebuilt, "lost"), and
+        for engines that answer: queued, done, unacked, clients, uptime (s), python
+        ("3.11.7"), executable.
         """
         return self._io.run(self._status(timeout), timeout + 5, what="asking engines")
 
@@ -306,6 +311,9 @@ class Client:
             KeyError: no engine knows ``msg_id``.
         """
         ar = self._results.get(msg_id)
+        if ar is not None and ar.done() and any(
+                isinstance(rec.failure, EngineError) for rec in ar._records):
+            ar = None  # it failed for want of its engine; the engine may have it by now
         if ar is None:
             ar = self._io.run(self._fetch(msg_id), 30, what=f"fetching {msg_id}")
             self._results[msg_id] = ar

@@ -277,6 +277,11 @@ _cluster_name = _expect("letters, digits, '_', '.' and '-' only",
                         lambda v: isinstance(v, str) and bool(_NAME_RE.fullmatch(v)))
 
 # The keys allowed under `defaults:` and in each host entry; each is a HostSpec field.
+#: One ProxyJump hop: [user@]host[:port] (an IPv6 address in brackets).
+_JUMP_HOP = re.compile(r"(?:[^@\s,]+@)?(?:\[[0-9A-Fa-f:.]+\]|[^@\s,:\[\]]+)"
+                       r"(?::(?:6553[0-5]|655[0-2]\d|65[0-4]\d\d|6[0-4]\d{3}|[1-5]\d{4}|[1-9]\d{0,3}))?")
+
+
 _CHECKS: dict[str, _Check] = {
     "engines": _expect('a positive integer or "auto"',
                        lambda v: v == "auto" or (_is_int(v) and v >= 1),
@@ -290,7 +295,9 @@ _CHECKS: dict[str, _Check] = {
                     lambda v: v is None or (_is_int(v) and 1 <= v <= 65535)),
     "identity_file": _identity_file,
     "known_hosts": _known_hosts,
-    "proxy_jump": _expect("a non-empty string", _optional_text),
+    "proxy_jump": _expect("[user@]host[:port], or several joined by commas",
+                          lambda v: v is None or (isinstance(v, str) and all(
+                              _JUMP_HOP.fullmatch(h.strip()) for h in v.split(",")))),
     "transport": _expect("ssh or local", lambda v: v in ("ssh", "local")),
     "backend": _expect("asyncssh or paramiko", lambda v: v in ("asyncssh", "paramiko")),
     "idle_timeout": _expect("a number of seconds >= 0", lambda v: _number(v) and v >= 0, float),

@@ -202,6 +202,9 @@ class Daemon:
             return
         if not self.conns:
             log.info("no client for %.0f s: exiting", self.idle_timeout)
+            if self.results:
+                log.warning("discarding %d result(s) no client fetched: %s",
+                            len(self.results), ", ".join(list(self.results)[:20]))
             self._remove_socket()
             os._exit(0)
 

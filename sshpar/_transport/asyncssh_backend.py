@@ -62,6 +62,12 @@ def connect_options(spec: HostSpec) -> dict[str, Any]:
     return opts
 
 
+def _ssh_command(spec: HostSpec) -> str:
+    port = f"-p {spec.port} " if spec.port is not None else ""
+    user = f"{spec.user}@" if spec.user is not None else ""
+    return f"ssh {port}{user}{spec.host}"
+
+
 def _map_error(spec: HostSpec, exc: BaseException, via: str = "") -> HostError:
     host = spec.label + (f" (via {via})" if via else "")
     if isinstance(exc, asyncssh.HostKeyNotVerifiable):
@@ -69,8 +75,8 @@ def _map_error(spec: HostSpec, exc: BaseException, via: str = "") -> HostError:
             "~/.ssh/known_hosts"
         return HostKeyError(
             host, f"host key not verifiable: {exc.reason}",
-            hint=f"if the host is genuine, run `ssh {spec.host}` once to record its key in "
-                 f"{where} (or `ssh-keyscan`); a changed key may mean an attack")
+            hint=f"if the host is genuine, run `{_ssh_command(spec)}` once to record its key "
+                 f"in {where} (or `ssh-keyscan`); a changed key may mean an attack")
     if isinstance(exc, asyncssh.PermissionDenied):
         return AuthenticationError(
             host, f"authentication failed: {exc.reason}",
@@ -96,7 +102,7 @@ class AsyncsshTransport(Transport):
     def __init__(self, spec: HostSpec) -> None:
         super().__init__(spec)
         self._conn: asyncssh.SSHClientConnection | None = None
-        self._jump: asyncssh.SSHClientConnection | None = None
+        self._jumps: list[asyncssh.SSHClientConnection] = []
         self._keeper: Any = None
         self._streamlocal_refused = False
 
@@ -107,13 +113,16 @@ class AsyncsshTransport(Transport):
     async def connect(self) -> None:
         opts = connect_options(self.spec)
         tunnel = None
-        if self.spec.proxy_jump:
-            jump_spec = _jump_spec(self.spec)
+        # Each ProxyJump hop is a connection of ours, its host key checked like the target's.
+        for jump_spec in _jump_specs(self.spec):
+            hop = dict(connect_options(jump_spec), tunnel=tunnel) if tunnel else \
+                connect_options(jump_spec)
             try:
-                self._jump = await asyncssh.connect(jump_spec.host, **connect_options(jump_spec))
+                tunnel = await asyncssh.connect(jump_spec.host, **hop)
             except Exception as exc:
+                await self._close_jump()
                 raise _map_error(jump_spec, exc) from exc
-            tunnel = self._jump
+            self._jumps.append(tunnel)
         try:
             if tunnel is not None:
                 opts["tunnel"] = tunnel
@@ -165,7 +174,10 @@ class AsyncsshTransport(Transport):
 
     async def open_exec(self, command: str) -> tuple[StreamReader, StreamWriter]:
         conn = self._require()
-        proc = await conn.create_process(command, encoding=None, stderr=asyncssh.DEVNULL)
+        try:
+            proc = await conn.create_process(command, encoding=None, stderr=asyncssh.DEVNULL)
+        except (asyncssh.Error, OSError) as exc:
+            raise _map_error(self.spec, exc) from exc
         return proc.stdout, proc.stdin  # type: ignore[return-value]
 
     async def close(self) -> None:
@@ -179,8 +191,8 @@ class AsyncsshTransport(Transport):
         await self._close_jump()
 
     async def _close_jump(self) -> None:
-        jump, self._jump = self._jump, None
-        if jump is not None:
+        jumps, self._jumps = self._jumps, []
+        for jump in reversed(jumps):
             jump.close()
 
     def _require(self) -> asyncssh.SSHClientConnection:
@@ -189,12 +201,21 @@ class AsyncsshTransport(Transport):
         return self._conn
 
 
-def _jump_spec(spec: HostSpec) -> HostSpec:
-    """The jump host inherits key checking and identity from the target's entry."""
+def _jump_specs(spec: HostSpec) -> list[HostSpec]:
+    """The ProxyJump hops, in order; each inherits key checking and identity from the
+    target's entry (``[user@]host[:port]``, comma-separated; validated by config)."""
     import dataclasses
 
-    target = spec.proxy_jump or ""
-    user, _, hostport = target.rpartition("@")
-    host, _, port = hostport.partition(":")
-    return dataclasses.replace(spec, host=host, user=user or spec.user,
-                               port=int(port) if port else None, proxy_jump=None)
+    hops = []
+    for target in (spec.proxy_jump or "").split(","):
+        if not target.strip():
+            continue
+        user, _, hostport = target.strip().rpartition("@")
+        if hostport.startswith("["):  # [IPv6]:port
+            host, _, port = hostport[1:].partition("]")
+            port = port.lstrip(":")
+        else:
+            host, _, port = hostport.partition(":")
+        hops.append(dataclasses.replace(spec, host=host, user=user or spec.user,
+                                        port=int(port) if port else None, proxy_jump=None))
+    return hops
