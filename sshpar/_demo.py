@@ -5,6 +5,7 @@ Layer: CLI helpers. Imports the public API and rich; prints (it is a command's b
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 import textwrap
@@ -92,6 +93,15 @@ def run_demo(engines: int = 2, *, console: Console | None = None,
 
 def _tour(tour: Tour) -> None:
     tour.show("A view on one engine", "e0 = rc[0]\ne0.block = True\ne0")
+    if importlib.util.find_spec("numpy") is None:
+        tour.console.print("[yellow]numpy is not installed here: skipping the numpy steps "
+                           "(pip install numpy, or run scripts/demo)[/]")
+    else:
+        _numpy_steps(tour)
+    _rest(tour)
+
+
+def _numpy_steps(tour: Tour) -> None:
     tour.show("Remote execution with apply()", """
         def get_norms(A, levels=[2]):
             norms = []
@@ -109,6 +119,9 @@ def _tour(tour: Tour) -> None:
             import numpy
         e0.apply(numpy.linalg.norm, A, 2)
     """)
+
+
+def _rest(tour: Tour) -> None:
     tour.show("run() uploads a local script", """
         e0['a'] = 5
         e0.run(_script)
