@@ -61,10 +61,12 @@ class Tour:
 
 
 def run_demo(engines: int = 2, *, console: Console | None = None,
+             workdir: str | None = None,
              on_client: Callable[[p.Client], None] | None = None) -> None:
     """Start ``engines`` local engines and walk through the seed examples."""
     console = console or Console()
-    workdir = tempfile.mkdtemp(prefix="sshpar-demo-")
+    workdir = workdir or tempfile.mkdtemp(prefix="sshpar-demo-")
+    os.makedirs(workdir, exist_ok=True)
     script = os.path.join(workdir, "myscript.py")
     with open(script, "w", encoding="utf-8") as f:
         f.write("import math\nimport sys\n\n\ndef mysquare(x):\n    return x*x\n")

@@ -378,7 +378,7 @@ def cmd_demo(args: argparse.Namespace, ui: Ui) -> int:
     """
     from ._demo import run_demo
 
-    run_demo(args.engines, console=ui.out)
+    run_demo(args.engines, console=ui.out, workdir=args.workdir)
     return EXIT_OK
 
 
@@ -450,6 +450,9 @@ def _parser() -> argparse.ArgumentParser:
     p = command("demo", cmd_demo)
     p.add_argument("-n", "--engines", type=_positive, default=2,
                    help="engines to start (default 2)")
+    p.add_argument("--workdir", metavar="DIR",
+                   help="where the engines keep their bundle, sockets and logs "
+                        "(default: a new temporary directory)")
     return parser
 
 

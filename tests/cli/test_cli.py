@@ -407,3 +407,16 @@ def test_the_docs_name_every_command():
     for command in ("start", "status", "stop", "exec", "run", "check", "demo"):
         assert f"## `sshpar {command}" in docs
     assert "| 3 | a host could not be reached or started |" in docs
+
+
+def test_demo_tours_the_seed_and_leaves_nothing_running(tmp_path: Path) -> None:
+    cli = Cli(tmp_path)
+    proc = cli("demo", "--workdir", tmp_path / "demo-w")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for expected in ("Out: [0, 1]", "Out: (5, 25)", "Out: 30", "Out: 20",
+                     "Out: [1.03234, 3453]", "Out: ['foo', 'bar']", "Out: ['an', 'an']",
+                     "ZeroDivisionError", "Every engine was shut down"):
+        assert expected in out, f"{expected!r} missing from the demo's output"
+    assert not cli.processes()
+    assert not list((tmp_path / "home" / "clusters").glob("*.json"))
