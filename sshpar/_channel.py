@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("sshpar.channel")
 
 CONTROL_TIMEOUT = 10.0
+#: Results are acknowledged at most this late (seconds), or once this many are waiting.
+ACK_DELAY = 0.05
+ACK_BATCH = 1024
 
 
 class EngineChannel:
@@ -147,16 +150,28 @@ class EngineChannel:
             elif self.state != "running":
                 rec.fail(self.error(f"is {self.state}"), time.time())
             else:
-                self._send_task(rec, meta, payload)
+                self._send_task(rec, meta, payload, defer=True)
+        self._flush_sender()
 
-    def _send_task(self, rec: TaskRecord, meta: dict, payload: list) -> None:
+    def _send_task(self, rec: TaskRecord, meta: dict, payload: list, *,
+                   defer: bool = False) -> None:
         rec.request = (meta, payload)
         self.pending[rec.msg_id] = rec
+        if self._acks:  # acknowledgements ride along with work, saving a frame
+            meta = dict(meta, ack=self._acks)
+            self._acks = []
         assert self._sender is not None
         try:
-            self._sender.send(_wire.Kind.TASK, meta, payload)
+            self._sender.send(_wire.Kind.TASK, meta, payload, defer=defer)
         except Exception as exc:  # noqa: BLE001 - the reader notices the broken stream
             log.info("%s: send failed (%s); kept for resending", self.info, exc)
+
+    def _flush_sender(self) -> None:
+        if self._sender is not None:
+            try:
+                self._sender.flush_small()
+            except Exception as exc:  # noqa: BLE001 - the reader notices the broken stream
+                log.info("%s: write failed (%s)", self.info, exc)
 
     # -- control ----------------------------------------------------------------------------
     async def request(self, op: str, timeout: float = CONTROL_TIMEOUT, **kw: Any) -> dict:
@@ -236,9 +251,13 @@ class EngineChannel:
         if kind is _wire.Kind.RESULT:
             msg_id = meta["msg_id"]
             rec = self.pending.pop(msg_id, None)
+            # Results stay on the engine until acknowledged; acks are batched (or ride on
+            # the next task), since each frame costs a packet or two over SSH.
             if not self._acks:
-                self.loop.call_soon(self._send_acks)
+                self.loop.call_later(ACK_DELAY, self._send_acks)
             self._acks.append(msg_id)
+            if len(self._acks) >= ACK_BATCH:
+                self._send_acks()
             if rec is not None:
                 rec.finish(meta, frame.payload, time.time(), self.clock_offset)
         elif kind is _wire.Kind.OUTPUT:

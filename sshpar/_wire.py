@@ -355,11 +355,14 @@ async def client_handshake(reader: Reader, writer: Writer, key: bytes,
 
 
 class FrameSender:
-    """Writes frames to one stream in order, without copying large buffers twice.
+    """Writes frames to one stream in order, in as few writes as possible, without copying
+    large buffers twice.
 
-    Small frames are written at once when nothing is queued; large ones, and anything behind
-    them, go through a pump task that writes in chunks and waits for the stream to drain, so
-    a 1 GiB array never sits in a transport buffer whole. Must be used from the loop thread.
+    Small frames are joined into one write (each write costs a syscall and, over SSH, a
+    packet or two): a frame sent with ``defer=True`` waits for :meth:`flush_small`, so a
+    burst of frames goes out in one write. Large frames, and anything behind them, go
+    through a pump task that writes in chunks and waits for the stream to drain, so a 1 GiB
+    array never sits in a transport buffer whole. Must be used from the loop thread.
     """
 
     _DIRECT_LIMIT = 256 * 1024
@@ -371,21 +374,35 @@ class FrameSender:
         self._asyncio = asyncio
         self.codec = codec
         self.writer = writer
+        self._small: list[Any] = []
         self._queue: collections.deque[list] = collections.deque()
         self._pump: Any = None
         self.error: BaseException | None = None
 
-    def send(self, kind: Kind, meta: dict, payload: Sequence[Any] = ()) -> None:
+    def send(self, kind: Kind, meta: dict, payload: Sequence[Any] = (), *,
+             defer: bool = False) -> None:
         if self.error is not None:
             raise self.error
         bufs = self.codec.encode(kind, meta, payload)
         size = sum(len(b) if isinstance(b, (bytes, bytearray)) else b.nbytes for b in bufs)
         if self._pump is None and size <= self._DIRECT_LIMIT:
-            self.writer.writelines(bufs)
+            self._small.extend(bufs)
+            if not defer:
+                self.flush_small()
             return
+        if self._small:  # keep order: what was deferred goes first
+            self._queue.append([b"".join(self._small)])
+            self._small = []
         self._queue.append(bufs)
         if self._pump is None:
             self._pump = self._asyncio.ensure_future(self._run_pump())
+
+    def flush_small(self) -> None:
+        """Write the deferred small frames, in one write."""
+        if self._small:
+            data = b"".join(self._small)
+            self._small = []
+            self.writer.write(data)
 
     async def _run_pump(self) -> None:
         try:
@@ -403,6 +420,7 @@ class FrameSender:
 
     async def flush(self) -> None:
         """Wait until everything queued has been handed to the stream."""
+        self.flush_small()
         while self._pump is not None:
             await self._asyncio.shield(self._pump)
         await self.writer.drain()

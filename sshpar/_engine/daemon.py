@@ -42,11 +42,20 @@ class Connection:
         self.writer = writer
         self.open = True
 
-    def send(self, kind: _wire.Kind, meta: dict, payload: list | tuple = ()) -> None:
+    def send(self, kind: _wire.Kind, meta: dict, payload: list | tuple = (), *,
+             defer: bool = False) -> None:
         if self.open:
             try:
-                self.sender.send(kind, meta, payload)
+                self.sender.send(kind, meta, payload, defer=defer)
             except Exception as exc:  # noqa: BLE001 - a dead client must not stop the engine
+                log.info("client connection lost while sending: %s", exc)
+                self.open = False
+
+    def flush(self) -> None:
+        if self.open:
+            try:
+                self.sender.flush_small()
+            except Exception as exc:  # noqa: BLE001
                 log.info("client connection lost while sending: %s", exc)
                 self.open = False
 
@@ -159,8 +168,11 @@ class Daemon:
 
     def _drain_outbox(self) -> None:
         self._wakeup_pending = False
+        touched = set()
         while self._outbox:
             what, task = self._outbox.popleft()
+            if task.owner is not None:
+                touched.add(task.owner)
             if what == "result":
                 self.queued.pop(task.msg_id, None)
                 self.results[task.msg_id] = task
@@ -169,6 +181,8 @@ class Daemon:
                 self._send_result(task, task.owner)
             else:
                 self._send_output(task)
+        for conn in touched:  # everything of this burst in one write per client
+            conn.flush()
 
     def _send_output(self, task: Task) -> None:
         conn = task.owner
@@ -179,11 +193,11 @@ class Daemon:
             if text:
                 task.sent[stream.name] = nxt
                 conn.send(_wire.Kind.OUTPUT, {"msg_id": task.msg_id, "name": stream.name,
-                                              "text": text})
+                                              "text": text}, defer=True)
 
     def _send_result(self, task: Task, conn: Connection | None) -> None:
         if conn is not None and conn.open:
-            conn.send(_wire.Kind.RESULT, task.result_meta(), task.result)
+            conn.send(_wire.Kind.RESULT, task.result_meta(), task.result, defer=True)
 
     def _on_output(self, task: Task) -> None:
         self._post("output", task)
@@ -276,6 +290,11 @@ class Daemon:
             msg_id = meta.get("msg_id")
             if not isinstance(msg_id, str) or not frame.payload:
                 raise ProtocolError("TASK frame without a msg_id or payload")
+            acks = meta.get("ack", [])
+            if not isinstance(acks, list):
+                raise ProtocolError("TASK frame with malformed acks")
+            for acked in acks:
+                self.results.pop(acked, None)
             task = Task(msg_id, meta, frame.payload, conn, self._on_output)
             task.queued_at = time.time()
             self.queued[msg_id] = task
@@ -320,6 +339,8 @@ class Daemon:
                 task = self.queued.pop(msg)
                 self.results[msg] = task
                 self._send_result(task, task.owner)
+                if task.owner is not None:
+                    task.owner.flush()
             conn.send(_wire.Kind.REPLY, {"op": op, "req": meta.get("req"),
                                          "aborted": aborted})
         elif op == "info":
