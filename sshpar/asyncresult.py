@@ -13,7 +13,6 @@ import asyncio
 import concurrent.futures
 import datetime
 import sys
-import threading
 import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
@@ -178,8 +177,8 @@ class AsyncResult(concurrent.futures.Future):
         self._fname = fname
         self._postprocess = postprocess
         self._remaining = len(self._records)
-        self._lock = threading.Lock()
-        self._progress = threading.Condition(self._lock)
+        # One lock for everything: the Future's own condition (fewer objects per task).
+        self._lock = self._progress = self._condition
         self._outcome: Any = _UNSET
         self._client: Any = None    # set by the Client that submitted it
         for rec in self._records:
@@ -208,9 +207,13 @@ class AsyncResult(concurrent.futures.Future):
         """Wait until ready or ``timeout`` seconds pass; return whether it is ready."""
         if self.done():
             return True
-        with self._condition:  # the Future's own condition: notified when it completes
-            if not self.done():
-                self._condition.wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._condition:  # notified as each engine's part finishes, and at the end
+            while not self.done():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._condition.wait(left)
         return self.done()
 
     def successful(self) -> bool:

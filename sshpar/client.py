@@ -7,6 +7,7 @@ one background loop thread per client.
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import os
 import time
@@ -63,6 +64,8 @@ class Client:
         self._results: weakref.WeakValueDictionary[str, AsyncResult] = \
             weakref.WeakValueDictionary()
         self._unclaimed: dict[str, AsyncResult] = {}
+        self._id_prefix = uuid.uuid4().hex[:16] + "-"
+        self._ids = itertools.count(1)
         self._io = LoopThread()
         try:
             if hosts is not None:
@@ -189,15 +192,16 @@ class Client:
         return DirectView(self, targets)
 
     def _resolve_targets(self, targets: Targets) -> tuple[list[int], bool]:
-        ids = self.ids
         if isinstance(targets, bool):
             raise TypeError(f"targets must be an engine id, a list, a slice or 'all', "
                             f"not {targets!r}")
         if isinstance(targets, int):
             if targets < 0:
+                ids = self.ids
                 targets = ids[targets] if -len(ids) <= targets else targets
-            self._check_ids([targets])
+            self._check_ids((targets,))
             return [targets], True
+        ids = self.ids
         if targets is None or targets == "all":
             if not ids:
                 raise NoEnginesError(self._no_engines())
@@ -241,7 +245,8 @@ class Client:
         channels: list[EngineChannel] = []
         for eid in ids:
             ch = self._cluster.engines[eid]
-            records.append(TaskRecord(str(uuid.uuid4()), ch.info, now))
+            # unique across clients (random prefix) and cheap (a counter)
+            records.append(TaskRecord(f"{self._id_prefix}{next(self._ids):x}", ch.info, now))
             channels.append(ch)
         ar = result_class(records, single=single, fname=fname, postprocess=postprocess)
         ar._client = self

@@ -261,7 +261,7 @@ def test_ctrl_c_leaves_the_task_running_and_fetchable(cluster):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=COMMAND_TIMEOUT)
     assert proc.returncode == 130, err
-    (msg_id,) = re.findall(r"'([0-9a-f-]{36})'", err)
+    (msg_id,) = re.findall(r"'([0-9a-f]{16}-[0-9a-f]+)'", err)
     fetched = runner.python("-c", FETCH, msg_id)
     assert fetched.returncode == 0, fetched.stderr
     assert fetched.stdout == "None go\ndone\n"
