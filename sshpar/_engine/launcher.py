@@ -95,7 +95,7 @@ def spawn(conf: dict, bundle: str, run_dir: str, log_dir: str) -> tuple:
     r, w = os.pipe()
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(
-            [sys.executable, bundle, "nanny"],
+            [sys.executable, "-S", bundle, "nanny"],  # -S: the nanny needs only the stdlib
             stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT,
             pass_fds=(w,), start_new_session=True, close_fds=True,
         )
