@@ -110,10 +110,20 @@ def shell_prelude(spec: HostSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Run a bundle only if this user owns it and its folder, and nobody else can write either:
+# in a shared workdir, another user could otherwise plant code under the (public) name.
+_GUARD = ('for f in "$W/bundles" "$B"; do\n'
+          '  [ -O "$f" ] || { echo "SSHPAR-ERROR {\\"kind\\": \\"unsafe\\", \\"message\\": '
+          '\\"$f is not owned by $(id -un)\\"}"; exit 3; }\n'
+          '  case "$(ls -ld "$f")" in ?????w*|????????w*) echo "SSHPAR-ERROR {\\"kind\\": '
+          '\\"unsafe\\", \\"message\\": \\"$f is writable by other users\\"}"; exit 3;; esac\n'
+          'done\n')
+
+
 def python_command(spec: HostSpec, bundle: Bundle, *args: str) -> str:
     """A shell command running the bundle with ``args`` under the host's Python."""
     quoted = " ".join(shlex.quote(a) for a in args)
-    return (shell_prelude(spec) + f'B="$W/bundles/{bundle.name}"\n'
+    return (shell_prelude(spec) + f'B="$W/bundles/{bundle.name}"\n' + _GUARD +
             f"exec {spec.python} \"$B\" {quoted}")
 
 
@@ -126,7 +136,7 @@ async def launch(transport: Transport, spec: HostSpec, *, cluster: str, key: byt
     bundle = build_bundle()
     version = "{}.{}".format(*sys.version_info[:2])
     check = (shell_prelude(spec) + f'B="$W/bundles/{bundle.name}"\n'
-             f'[ -f "$B" ] || {{ echo {_NEED_BUNDLE}; exit 0; }}\n'
+             f'[ -f "$B" ] || {{ echo {_NEED_BUNDLE}; exit 0; }}\n' + _GUARD +
              f"exec {spec.python} \"$B\" launch {version}")
     request = json.dumps({"key": key.hex(), "cluster": cluster, "engines": engines,
                           "workdir": spec.workdir, "idle_timeout": spec.idle_timeout,
@@ -165,7 +175,10 @@ def _parse_launch(spec: HostSpec, result, bundle: Bundle, version: str) -> Launc
                 python=tuple(doc["python"]), executable=doc["executable"],
                 hostname=doc["hostname"], runtime_dir=doc["runtime_dir"])
         if line.startswith("SSHPAR-ERROR "):
-            doc = json.loads(line[len("SSHPAR-ERROR "):])
+            try:
+                doc = json.loads(line[len("SSHPAR-ERROR "):])
+            except ValueError:
+                doc = {"kind": "unknown", "message": line[len("SSHPAR-ERROR "):]}
             if doc.get("kind") == "version":
                 raise PythonVersionError(
                     spec.label,
@@ -174,6 +187,12 @@ def _parse_launch(spec: HostSpec, result, bundle: Bundle, version: str) -> Launc
                     "pickled code is version-specific)",
                     hint=f"set `python:` for {spec.host} in the hosts file to a Python "
                          f"{version} interpreter")
+            if doc.get("kind") == "unsafe":
+                raise BootstrapError(
+                    spec.label, f"refusing to run the engine bundle: {doc['message']}",
+                    hint=f"another user may have planted it; set `workdir:` for {spec.host} "
+                         "to a directory only you can write (or remove the file if it is "
+                         "yours)", exit_status=result.exit_status)
             raise BootstrapError(spec.label, f"engines failed to start: {doc['message']}",
                                  stderr=doc.get("log", "") or result.stderr_text,
                                  exit_status=result.exit_status)

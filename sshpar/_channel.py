@@ -71,6 +71,7 @@ class EngineChannel:
     async def open(self, key: bytes) -> None:
         """Connect to the engine's socket (or a relay), prove the key, read its greeting."""
         transport = self.host.transport
+        relayed = False
         try:
             if not transport.supports_unix_streams:
                 raise ForwardingRefused("this backend cannot forward to Unix sockets")
@@ -80,9 +81,12 @@ class EngineChannel:
             cmd = _bootstrap.python_command(self.host.spec, _bootstrap.build_bundle(),
                                             "relay", self.socket_path)
             reader, writer = await transport.open_exec(cmd)
+            relayed = transport.supports_unix_streams
         self._writer = writer
         sent = time.time()
         codec = await _wire.client_handshake(reader, writer, key)
+        if relayed:  # the relay reached the engine where forwarding did not: it is refused
+            transport.note_forwarding_refused()
         parser = _wire.FrameParser(codec)
         frames: list[_wire.Frame] = []
         while not frames:

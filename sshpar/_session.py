@@ -107,7 +107,8 @@ class HostSession:
 
     async def _engine_down(self, ch: EngineChannel) -> None:
         """The host answers but the engine's stream ended: the engine died."""
-        exit_info = await self._read_exit(ch)
+        dead_pid = ch.info.pid
+        exit_info = await self._read_exit(ch, dead_pid)
         why = exit_info["reason"] if exit_info else "closed its connection"
         ch.fail_pending(EngineError(
             f"{ch.info} died while a task was pending: {why}", engine_id=ch.engine_id,
@@ -115,34 +116,40 @@ class HostSession:
         ch.state = "lost"
         log.warning("%s died: %s", ch.info, why)
         if exit_info and exit_info.get("restarting"):
-            if await self._wait_socket(ch.socket_path, RESTART_TIMEOUT):
-                try:
-                    await asyncio.wait_for(ch.open(self.key), CHANNEL_TIMEOUT)
-                    log.warning("%s restarted by its nanny (empty namespace)", ch.info)
-                except (SshparError, OSError, asyncio.TimeoutError) as exc:
-                    log.warning("%s did not come back: %s", ch.info, exc)
+            await self._reopen_restarted(ch)
 
-    async def _read_exit(self, ch: EngineChannel) -> dict | None:
-        # The nanny writes <uuid>.exit right after reaping the engine; allow it a moment.
+    async def _reopen_restarted(self, ch: EngineChannel) -> None:
+        # The nanny starts a fresh engine on the same socket; connect once it listens.
+        deadline = time.monotonic() + RESTART_TIMEOUT
+        last: BaseException | None = None
+        while time.monotonic() < deadline and not self._closing:
+            try:
+                await asyncio.wait_for(ch.open(self.key), CHANNEL_TIMEOUT)
+                log.warning("%s restarted by its nanny (empty namespace)", ch.info)
+                return
+            except (SshparError, OSError, EOFError, asyncio.TimeoutError) as exc:
+                last = exc
+                ch.suspend()
+                ch.state = "lost"
+                await asyncio.sleep(0.1)
+        log.warning("%s did not come back after its restart: %s", ch.info, last)
+
+    async def _read_exit(self, ch: EngineChannel, pid: int) -> dict | None:
+        """The nanny's record of how engine ``pid`` ended (it writes it right after reaping
+        the engine, so allow it a moment; an older record of an earlier death is skipped)."""
         path = shlex.quote(ch.socket_path[: -len(".sock")] + ".exit")
-        cmd = (f"for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do "
-               f"[ -f {path} ] && exec cat {path}; sleep 0.1; done; exit 1")
-        try:
-            result = await self.transport.run(cmd, timeout=CONTROL_TIMEOUT)
-            return json.loads(result.stdout) if result.exit_status == 0 else None
-        except (SshparError, OSError, ValueError):
-            return None
-
-    async def _wait_socket(self, path: str, timeout: float) -> bool:
-        q = shlex.quote(path)
-        tries = max(1, int(timeout / 0.1))
-        cmd = f"i=0; while [ $i -lt {tries} ]; do [ -S {q} ] && exit 0; sleep 0.1; " \
-              f"i=$((i+1)); done; exit 1"
-        try:
-            result = await self.transport.run(cmd, timeout=timeout + 5)
-        except (SshparError, OSError):
-            return False
-        return result.exit_status == 0
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            try:
+                result = await self.transport.run(f"cat {path} 2>/dev/null",
+                                                  timeout=CONTROL_TIMEOUT)
+                record = json.loads(result.stdout) if result.exit_status == 0 else None
+            except (SshparError, OSError, ValueError):
+                record = None
+            if record is not None and record.get("pid") == pid:
+                return record
+            await asyncio.sleep(0.05)
+        return None
 
     # -- losing and regaining the host ----------------------------------------------------
     def recover(self) -> None:
@@ -167,7 +174,7 @@ class HostSession:
                     try:
                         await asyncio.wait_for(ch.open(self.key), CHANNEL_TIMEOUT)
                         await ch.resync()
-                    except (SshparError, OSError, asyncio.TimeoutError) as exc:
+                    except (SshparError, OSError, EOFError, asyncio.TimeoutError) as exc:
                         log.info("%s: cannot reopen (%s)", ch.info, exc)
                         ch.suspend()
                         await self._engine_down(ch)

@@ -333,7 +333,11 @@ async def server_handshake(reader: Reader, writer: Writer, key: bytes,
 async def client_handshake(reader: Reader, writer: Writer, key: bytes,
                            max_frame: int = MAX_FRAME_BYTES) -> Codec:
     """Client side of :func:`server_handshake`."""
-    hello = await reader.readexactly(HELLO.size)
+    try:
+        hello = await reader.readexactly(HELLO.size)
+    except asyncio.IncompleteReadError:
+        raise ProtocolError("the connection closed before the engine greeted (nothing "
+                            "listening on its socket?)") from None
     magic, version, nonce_s = HELLO.unpack(hello)
     if magic != MAGIC:
         raise ProtocolError(f"the socket did not answer as an sshpar engine ({hello[:8]!r})")

@@ -105,8 +105,9 @@ class TaskRecord:
         self._notify()
 
     def _notify(self) -> None:
-        if self.owner is not None:
-            self.owner._record_done()
+        owner, self.owner = self.owner, None  # no record <-> result cycle once done
+        if owner is not None:
+            owner._record_done()
 
     # -- read in the user's thread ----------------------------------------------------------
     def outcome(self) -> tuple[bool, Any]:

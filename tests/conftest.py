@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -44,15 +44,24 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
 def sshd_factory(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[..., SSHServer]]:
-    """Start more servers: `sshd_factory(extra_config=..., port=...)`; all stopped at teardown."""
+    """Start more servers: `sshd_factory(extra_config=..., port=..., wrap=..., listen=...)`;
+    all stopped at teardown."""
     servers: list[SSHServer] = []
 
     def start(
-        *, extra_config: str = "", port: int | None = None, wrap: tuple[str, ...] = ()
+        *,
+        extra_config: str = "",
+        port: int | None = None,
+        wrap: tuple[str, ...] = (),
+        listen: str = "127.0.0.1",
     ) -> SSHServer:
         servers.append(
             start_sshd(
-                tmp_path_factory.mktemp("sshd"), extra_config=extra_config, port=port, wrap=wrap
+                tmp_path_factory.mktemp("sshd"),
+                extra_config=extra_config,
+                port=port,
+                wrap=wrap,
+                listen=listen,
             )
         )
         return servers[-1]

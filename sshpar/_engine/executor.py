@@ -69,6 +69,10 @@ class TaskOutput(io.TextIOBase):
     def flush(self) -> None:
         pass
 
+    def close_stream(self) -> None:
+        """The task is over: later writes (from its stray threads) are kept, not streamed."""
+        self._on_write = _ignore
+
     def isatty(self) -> bool:
         return False
 
@@ -167,6 +171,9 @@ class Executor:
                 task.error = error_record(exc)
         finally:
             sys.stdout, sys.stderr = saved
+            # break the task <-> output cycle, so a big result is freed once acknowledged
+            task.stdout.close_stream()
+            task.stderr.close_stream()
             task.payload = []
             task.completed = time.time()
             self.current = None
@@ -233,6 +240,10 @@ class Executor:
 
 
 _MISSING = object()
+
+
+def _ignore() -> None:
+    return None
 
 
 def _global_names(code: types.CodeType) -> set[str]:

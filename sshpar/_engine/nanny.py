@@ -81,6 +81,11 @@ def main() -> None:
                 break
             except InterruptedError:
                 continue
+        # A dead engine's socket file must not look alive to a client (or a restart).
+        try:
+            os.unlink(conf["socket"])
+        except FileNotFoundError:
+            pass
         record = {"pid": proc.pid, "returncode": returncode, "reason": describe(returncode),
                   "time": time.time(), "restarts": restarts}
         again = (returncode != 0 and policy == "on-failure" and restarts < limit
@@ -90,10 +95,6 @@ def main() -> None:
         if not again:
             break
         restarts += 1
-    try:
-        os.unlink(conf["socket"])
-    except FileNotFoundError:
-        pass
 
 
 def _write_json(path: str, doc: dict) -> None:

@@ -143,8 +143,7 @@ class AsyncsshTransport(Transport):
     async def run(self, command: str, *, input: bytes = b"", timeout: float) -> CommandResult:
         conn = self._require()
         try:
-            proc = await asyncio.wait_for(
-                conn.run(command, input=input, encoding=None, check=False), timeout)
+            proc = await asyncio.wait_for(self._run(conn, command, input), timeout)
         except asyncio.TimeoutError:
             raise ConnectTimeoutError(
                 self.label, f"remote command did not finish within {timeout:g} s") from None
@@ -154,6 +153,17 @@ class AsyncsshTransport(Transport):
         out, err = proc.stdout or b"", proc.stderr or b""
         assert isinstance(out, bytes) and isinstance(err, bytes)  # encoding=None
         return CommandResult(status, out, err)
+
+    @staticmethod
+    async def _run(conn: asyncssh.SSHClientConnection, command: str, data: bytes) -> Any:
+        proc = await conn.create_process(command, encoding=None)
+        try:
+            if data:
+                proc.stdin.write(data)
+            proc.stdin.write_eof()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the command ended without reading its input: its exit status tells
+        return await proc.wait(check=False)
 
     async def open_unix(self, path: str) -> tuple[StreamReader, StreamWriter]:
         conn = self._require()
@@ -168,9 +178,13 @@ class AsyncsshTransport(Transport):
             if probe.exit_status != 0:
                 raise HostError(self.label, f"no engine socket at {path} (the engine has "
                                 "exited?)") from exc
-            self._streamlocal_refused = True
+            # The socket is there: forwarding is refused, or nothing listens on it (a
+            # stale file). The caller tries the relay and tells us which it was.
             raise ForwardingRefused(f"{exc.reason} (code {exc.code})") from exc
         return reader, writer  # type: ignore[return-value]
+
+    def note_forwarding_refused(self) -> None:
+        self._streamlocal_refused = True
 
     async def open_exec(self, command: str) -> tuple[StreamReader, StreamWriter]:
         conn = self._require()

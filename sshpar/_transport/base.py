@@ -71,6 +71,10 @@ class Transport(abc.ABC):
     async def open_unix(self, path: str) -> tuple[StreamReader, StreamWriter]:
         """A byte stream to the Unix socket ``path`` on the host (raise ForwardingRefused)."""
 
+    def note_forwarding_refused(self) -> None:  # noqa: B027 - optional for backends
+        """The relay worked where a Unix stream was refused: forwarding is off on this host,
+        so later streams may go to the relay at once."""
+
     @abc.abstractmethod
     async def open_exec(self, command: str) -> tuple[StreamReader, StreamWriter]:
         """A byte stream to the stdin/stdout of ``command`` run on the host."""

@@ -77,7 +77,8 @@ def test_dual_classes_are_cached() -> None:
 
 
 def test_os_errors_are_caught_by_their_family() -> None:
-    err = RemoteError.from_record(record_of(lambda: Path("/nonexistent/sshpar/x").read_text()), INFO)
+    record = record_of(lambda: Path("/nonexistent/sshpar/x").read_text())
+    err = RemoteError.from_record(record, INFO)
     assert isinstance(err, FileNotFoundError) and isinstance(err, OSError)
     assert err.errno is None  # the class only, not the remote object's attributes
     assert "No such file or directory" in str(err)
