@@ -15,14 +15,19 @@ from typing import Any
 import asyncssh
 
 from ..config import HostSpec
-from ..errors import (
-    AuthenticationError,
-    ConnectTimeoutError,
-    HostError,
-    HostKeyError,
-    HostUnreachableError,
+from ..errors import ConnectTimeoutError, HostError, HostUnreachableError
+from .base import (
+    CommandResult,
+    ForwardingRefused,
+    StreamReader,
+    StreamWriter,
+    Transport,
+    auth_failed,
+    cannot_connect,
+    cannot_resolve,
+    connect_timed_out,
+    host_key_unknown,
 )
-from .base import CommandResult, ForwardingRefused, StreamReader, StreamWriter, Transport
 
 log = logging.getLogger("sshpar.transport")
 
@@ -62,40 +67,20 @@ def connect_options(spec: HostSpec) -> dict[str, Any]:
     return opts
 
 
-def _ssh_command(spec: HostSpec) -> str:
-    port = f"-p {spec.port} " if spec.port is not None else ""
-    user = f"{spec.user}@" if spec.user is not None else ""
-    return f"ssh {port}{user}{spec.host}"
-
-
 def _map_error(spec: HostSpec, exc: BaseException, via: str = "") -> HostError:
-    host = spec.label + (f" (via {via})" if via else "")
     if isinstance(exc, asyncssh.HostKeyNotVerifiable):
-        where = spec.known_hosts if spec.known_hosts not in (None, "none") else \
-            "~/.ssh/known_hosts"
-        return HostKeyError(
-            host, f"host key not verifiable: {exc.reason}",
-            hint=f"if the host is genuine, run `{_ssh_command(spec)}` once to record its key "
-                 f"in {where} (or `ssh-keyscan`); a changed key may mean an attack")
+        return host_key_unknown(spec, exc.reason, via)
     if isinstance(exc, asyncssh.PermissionDenied):
-        return AuthenticationError(
-            host, f"authentication failed: {exc.reason}",
-            hint="check `user:` and `identity_file:` for this host, or that your key is in "
-                 "the remote ~/.ssh/authorized_keys (`ssh-copy-id`)")
+        return auth_failed(spec, exc.reason, via)
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return ConnectTimeoutError(
-            host, f"no SSH connection within {spec.connect_timeout:g} s",
-            hint="is the host up and the port right? raise `connect_timeout:` for slow links")
+        return connect_timed_out(spec, via)
     if isinstance(exc, socket.gaierror):
-        return HostUnreachableError(host, f"cannot resolve host name: {exc.strerror}",
-                                    hint="check the name, or its HostName in ~/.ssh/config")
+        return cannot_resolve(spec, str(exc.strerror), via)
     if isinstance(exc, OSError):
-        return HostUnreachableError(
-            host, f"cannot connect: {exc.strerror or exc}",
-            hint="is sshd running there, and `port:` right?")
-    if isinstance(exc, asyncssh.Error):
-        return HostUnreachableError(host, f"SSH error: {exc.reason}")
-    return HostUnreachableError(host, f"{type(exc).__name__}: {exc}")
+        return cannot_connect(spec, str(exc.strerror or exc), via)
+    detail = exc.reason if isinstance(exc, asyncssh.Error) else f"{type(exc).__name__}: {exc}"
+    return HostUnreachableError(spec.label + (f" (via {via})" if via else ""),
+                                f"SSH error: {detail}")
 
 
 class AsyncsshTransport(Transport):

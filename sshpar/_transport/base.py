@@ -14,6 +14,12 @@ import dataclasses
 from typing import Any, Protocol
 
 from ..config import HostSpec
+from ..errors import (
+    AuthenticationError,
+    ConnectTimeoutError,
+    HostKeyError,
+    HostUnreachableError,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,3 +107,47 @@ def make_transport(spec: HostSpec) -> Transport:
     from .asyncssh_backend import AsyncsshTransport
 
     return AsyncsshTransport(spec)
+
+
+# -- errors every SSH backend reports the same way (what failed, and the fix) ----------------
+
+def _where(spec: HostSpec, via: str) -> str:
+    return spec.label + (f" (via {via})" if via else "")
+
+
+def ssh_command(spec: HostSpec) -> str:
+    """The ``ssh`` command line that reaches ``spec``'s host, for hints."""
+    port = f"-p {spec.port} " if spec.port is not None else ""
+    user = f"{spec.user}@" if spec.user is not None else ""
+    return f"ssh {port}{user}{spec.host}"
+
+
+def host_key_unknown(spec: HostSpec, detail: str, via: str = "") -> HostKeyError:
+    known = spec.known_hosts if spec.known_hosts not in (None, "none") else "~/.ssh/known_hosts"
+    return HostKeyError(
+        _where(spec, via), f"host key not verifiable: {detail}",
+        hint=f"if the host is genuine, run `{ssh_command(spec)}` once to record its key in "
+             f"{known} (or `ssh-keyscan`); a changed key may mean an attack")
+
+
+def auth_failed(spec: HostSpec, detail: str, via: str = "") -> AuthenticationError:
+    return AuthenticationError(
+        _where(spec, via), f"authentication failed: {detail}",
+        hint="check `user:` and `identity_file:` for this host, or that your key is in the "
+             "remote ~/.ssh/authorized_keys (`ssh-copy-id`)")
+
+
+def connect_timed_out(spec: HostSpec, via: str = "") -> ConnectTimeoutError:
+    return ConnectTimeoutError(
+        _where(spec, via), f"no SSH connection within {spec.connect_timeout:g} s",
+        hint="is the host up and the port right? raise `connect_timeout:` for slow links")
+
+
+def cannot_resolve(spec: HostSpec, detail: str, via: str = "") -> HostUnreachableError:
+    return HostUnreachableError(_where(spec, via), f"cannot resolve host name: {detail}",
+                                hint="check the name, or its HostName in ~/.ssh/config")
+
+
+def cannot_connect(spec: HostSpec, detail: str, via: str = "") -> HostUnreachableError:
+    return HostUnreachableError(_where(spec, via), f"cannot connect: {detail}",
+                                hint="is sshd running there, and `port:` right?")

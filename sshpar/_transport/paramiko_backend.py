@@ -35,7 +35,18 @@ from ..errors import (
     HostKeyError,
     HostUnreachableError,
 )
-from .base import CommandResult, ForwardingRefused, StreamReader, StreamWriter, Transport
+from .base import (
+    CommandResult,
+    ForwardingRefused,
+    StreamReader,
+    StreamWriter,
+    Transport,
+    auth_failed,
+    cannot_resolve,
+    connect_timed_out,
+    host_key_unknown,
+    ssh_command,
+)
 
 log = logging.getLogger("sshpar.transport")
 _PARAMIKO_LOG = "sshpar.transport.paramiko"
@@ -134,27 +145,19 @@ def _map_error(spec: HostSpec, exc: BaseException, via: str = "", addr: str = ""
         return HostKeyError(
             host, f"host key changed: the server's {exc.key.get_name()} key differs from the "
             f"one in {where}", hint=f"if the host was reinstalled, remove its old line "
-            f"(`ssh-keygen -R`) and run `ssh {spec.host}` once; otherwise this may be an attack")
+            f"(`ssh-keygen -R`) and run `{ssh_command(spec)}` once; otherwise this may be an "
+            "attack")
     if isinstance(exc, _UnknownHostKey):
-        return HostKeyError(
-            host, f"host key not verifiable: {exc}",
-            hint=f"if the host is genuine, run `ssh {spec.host}` once to record its key in "
-                 f"{where} (or `ssh-keyscan`); a changed key may mean an attack")
+        return host_key_unknown(spec, str(exc), via)
     if isinstance(exc, paramiko.AuthenticationException):
-        return AuthenticationError(
-            host, f"authentication failed: {exc}",
-            hint="check `user:` and `identity_file:` for this host, or that your key is in "
-                 "the remote ~/.ssh/authorized_keys (`ssh-copy-id`)")
+        return auth_failed(spec, str(exc), via)
     # paramiko wraps a banner timeout in SSHException; a slow key exchange ends in "No
     # existing session".
     if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError) or \
             str(exc) == "No existing session":
-        return ConnectTimeoutError(
-            host, f"no SSH connection within {spec.connect_timeout:g} s",
-            hint="is the host up and the port right? raise `connect_timeout:` for slow links")
+        return connect_timed_out(spec, via)
     if isinstance(exc, socket.gaierror):
-        return HostUnreachableError(host, f"cannot resolve host name: {exc.strerror}",
-                                    hint="check the name, or its HostName in ~/.ssh/config")
+        return cannot_resolve(spec, str(exc.strerror), via)
     target = f" to {addr}" if addr else ""
     if isinstance(exc, (OSError, paramiko.ChannelException)):
         why = exc.strerror or exc if isinstance(exc, OSError) else exc.text

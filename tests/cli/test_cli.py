@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from sshpar.cli import main, parse_targets
-from tests.helpers import alive, wait_gone, wait_until
+from tests.helpers import alive, processes_naming, wait_gone, wait_until
 
 pytestmark = pytest.mark.ssh
 
@@ -72,15 +72,7 @@ class Cli:
 
     def processes(self) -> list[int]:
         """Live processes (not zombies) whose command line names a path below ``base``."""
-        mark = str(self.base).encode()
-        found = []
-        for entry in Path("/proc").iterdir():
-            try:
-                if entry.name.isdigit() and mark in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                pass  # gone meanwhile
-        return [pid for pid in found if alive(pid)]
+        return processes_naming(self.base)
 
     def cleanup(self) -> None:
         """Stop every cluster; kill engines that survive (e.g. on a host that went away)."""
