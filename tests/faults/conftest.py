@@ -211,23 +211,39 @@ def clusters(tmp_path: Path) -> Iterator[Clusters]:
 
 # -- a link that delivers in bursts ------------------------------------------------------------
 
-class BurstyLink:
-    """A TCP proxy in front of an sshd that holds what the server sends and delivers it in
-    bursts, ``window`` seconds after the first byte of each (as a congested or batching link
-    does): replies that the server sent one after another reach the client together."""
+class Relay:
+    """A man in the middle: accepts on ``listener``, connects each client to a fresh
+    upstream, and relays both ways in a thread per connection. Subclasses change what
+    passes through by overriding the hooks; ``threads`` lets a test wait for sessions to end.
+    """
 
-    def __init__(self, server: Any, window: float) -> None:
-        self.server, self.window = server, window
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
+    def __init__(self, listener: socket.socket, connect: Callable[[], socket.socket]) -> None:
+        self._listener = listener
+        self._connect = connect
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
+        self.threads: list[threading.Thread] = []
+        self._accepter = threading.Thread(target=self._accept, daemon=True)
+        self._accepter.start()
 
-    def known_hosts(self, path: Path) -> Path:
-        path.write_text(f"[127.0.0.1]:{self.port} {self.server.host_pubkey}\n")
-        return path
+    # hooks --------------------------------------------------------------------------------
+    def opened(self) -> Any:
+        """Per-connection state, passed to the other hooks."""
+        return None
 
+    def from_client(self, data: bytes, state: Any) -> None:
+        """Seen on its way to the upstream."""
+
+    def to_client(self, client: socket.socket, data: bytes, state: Any) -> None:
+        client.sendall(data)
+
+    def tick(self, client: socket.socket, state: Any) -> float:
+        """Called at least every 50 ms; returns how long the relay may wait next."""
+        return 0.05
+
+    def closing(self, client: socket.socket, state: Any) -> None:
+        """The upstream or the client hung up."""
+
+    # the relay ----------------------------------------------------------------------------
     def _accept(self) -> None:
         self._listener.settimeout(0.05)
         while not self._stop.is_set():
@@ -237,33 +253,30 @@ class BurstyLink:
                 continue
             except OSError:
                 return
-            upstream = socket.create_connection((self.server.host, self.server.port))
-            t = threading.Thread(target=self._pump, args=(client, upstream), daemon=True)
+            upstream = self._connect()
+            t = threading.Thread(target=self._pump, args=(client, upstream, self.opened()),
+                                 daemon=True)
             t.start()
-            self._threads.append(t)
+            self.threads.append(t)
 
-    def _pump(self, client: socket.socket, upstream: socket.socket) -> None:
+    def _pump(self, client: socket.socket, upstream: socket.socket, state: Any) -> None:
         sel = selectors.DefaultSelector()
         sel.register(client, selectors.EVENT_READ)
         sel.register(upstream, selectors.EVENT_READ)
-        held, due = bytearray(), None
         try:
+            wait = 0.05
             while not self._stop.is_set():
-                wait = 0.05 if due is None else max(0.0, min(0.05, due - time.monotonic()))
                 for key, _ in sel.select(wait):
                     data = key.fileobj.recv(1 << 16)
                     if not data:
-                        client.sendall(held)
+                        self.closing(client, state)
                         return
                     if key.fileobj is client:
+                        self.from_client(data, state)
                         upstream.sendall(data)
                     else:
-                        held += data
-                        due = due or time.monotonic() + self.window
-                if due is not None and time.monotonic() >= due:
-                    client.sendall(held)
-                    held.clear()
-                    due = None
+                        self.to_client(client, data, state)
+                wait = self.tick(client, state)
         except OSError:
             return
         finally:
@@ -274,8 +287,46 @@ class BurstyLink:
     def close(self) -> None:
         self._stop.set()
         self._listener.close()
-        for t in self._threads:
+        self._accepter.join(WAIT)
+        for t in self.threads:
             t.join(WAIT)
+
+
+class BurstyLink(Relay):
+    """A TCP proxy in front of an sshd that holds what the server sends and delivers it in
+    bursts, ``window`` seconds after the first byte of each (as a congested or batching link
+    does): replies that the server sent one after another reach the client together."""
+
+    def __init__(self, server: Any, window: float) -> None:
+        self.server, self.window = server, window
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = listener.getsockname()[1]
+        super().__init__(listener, lambda: socket.create_connection((server.host, server.port)))
+
+    def known_hosts(self, path: Path) -> Path:
+        path.write_text(f"[127.0.0.1]:{self.port} {self.server.host_pubkey}\n")
+        return path
+
+    def opened(self) -> dict:
+        return {"held": bytearray(), "due": None}
+
+    def to_client(self, client: socket.socket, data: bytes, state: dict) -> None:
+        state["held"] += data
+        state["due"] = state["due"] or time.monotonic() + self.window
+
+    def tick(self, client: socket.socket, state: dict) -> float:
+        due = state["due"]
+        if due is None:
+            return 0.05
+        if time.monotonic() >= due:
+            client.sendall(state["held"])
+            state["held"].clear()
+            state["due"] = None
+            return 0.05
+        return max(0.0, min(0.05, due - time.monotonic()))
+
+    def closing(self, client: socket.socket, state: dict) -> None:
+        client.sendall(state["held"])
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import selectors
 import signal
 import socket
 import stat
@@ -28,7 +27,7 @@ from sshpar._bootstrap import build_bundle
 from sshpar._wire import HELLO, MAC_SIZE, NONCE_SIZE
 from tests.helpers import socket_paths, wait_until
 
-from .conftest import WAIT, cluster_key, count_run
+from .conftest import WAIT, Relay, cluster_key, count_run
 
 pytestmark = pytest.mark.ssh
 
@@ -267,65 +266,34 @@ def test_a_bundle_planted_by_another_user_in_a_shared_workdir_is_not_run(
 
 # -- a recorded session, replayed --------------------------------------------------------------
 
-class Recorder:
+class Recorder(Relay):
     """A man in the middle on a Unix socket path: forwards each connection to ``target`` and
     records what the client sent."""
 
     def __init__(self, path: str, target: str) -> None:
         self.path, self.target = path, target
         self.sent: list[bytearray] = []
-        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._server.bind(path)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(path)
         os.chmod(path, 0o600)
-        self._server.listen(8)
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._accepter = threading.Thread(target=self._accept, daemon=True)
-        self._accepter.start()
+        server.listen(8)
+        super().__init__(server, self._upstream)
 
-    def _accept(self) -> None:
-        self._server.settimeout(0.05)
-        while not self._stop.is_set():
-            try:
-                client, _ = self._server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            upstream.connect(self.target)
-            record = bytearray()
-            self.sent.append(record)
-            t = threading.Thread(target=self._pump, args=(client, upstream, record), daemon=True)
-            t.start()
-            self._threads.append(t)
+    def _upstream(self) -> socket.socket:
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        upstream.connect(self.target)
+        return upstream
 
-    def _pump(self, client: socket.socket, upstream: socket.socket, record: bytearray) -> None:
-        sel = selectors.DefaultSelector()
-        sel.register(client, selectors.EVENT_READ, upstream)
-        sel.register(upstream, selectors.EVENT_READ, client)
-        try:
-            while not self._stop.is_set():
-                for key, _ in sel.select(0.05):
-                    data = key.fileobj.recv(1 << 16)
-                    if not data:
-                        return
-                    if key.fileobj is client:
-                        record += data
-                    key.data.sendall(data)
-        except OSError:
-            return
-        finally:
-            sel.close()
-            client.close()
-            upstream.close()
+    def opened(self) -> bytearray:
+        record = bytearray()
+        self.sent.append(record)
+        return record
+
+    def from_client(self, data: bytes, record: bytearray) -> None:
+        record += data
 
     def close(self) -> None:
-        self._stop.set()
-        self._server.close()
-        self._accepter.join(WAIT)
-        for t in self._threads:
-            t.join(WAIT)
+        super().close()
         os.unlink(self.path)
 
 
@@ -367,7 +335,7 @@ def test_a_recorded_session_replayed_to_the_engine_is_refused_and_runs_nothing(
         ran = box("ran")
         assert rc[0].apply_sync(count_run, str(ran), "once") == "once"
         rc.close()
-        wait_until(lambda: recorder.sent and all(not t.is_alive() for t in recorder._threads),
+        wait_until(lambda: recorder.sent and all(not t.is_alive() for t in recorder.threads),
                    WAIT, "the recorded session to end")
     finally:
         recorder.close()
