@@ -32,8 +32,8 @@ _PKG = Path(__file__).resolve().parent
 #: The modules engines run. They import only the stdlib and cloudpickle (a test checks).
 ENGINE_MODULES = ("errors.py", "_wire.py", "_serialize.py", "_markers.py",
                   "_engine/__init__.py", "_engine/executor.py", "_engine/daemon.py",
-                  "_engine/launcher.py", "_engine/relay.py", "_engine/ops.py",
-                  "_engine/nanny.py")
+                  "_engine/reactor.py", "_engine/launcher.py", "_engine/relay.py",
+                  "_engine/ops.py", "_engine/nanny.py")
 _STUB_INIT = b'"""sshpar, engine side: only the modules engines need."""\n'
 _EPOCH = (2020, 1, 1, 0, 0, 0)
 LAUNCH_TIMEOUT = 60.0

@@ -215,18 +215,33 @@ class FrameParser:
             if self._big is not None:
                 n = min(len(view), len(self._big) - self._big_pos)
                 self._big[self._big_pos:self._big_pos + n] = view[:n]
-                self._mac.update(view[:n])
-                self._big_pos += n
                 view = view[n:]
-                if self._big_pos == len(self._big):
-                    self._segments.append(self._big_obj)
-                    self._big = self._big_obj = None
-                    self._step(frames)
+                self._big_advance(n, frames)
                 continue
             self._buf += view
             view = view[:0]
             self._step(frames)
         return frames
+
+    def big_target(self) -> memoryview | None:
+        """While a large segment is being filled: the part still empty, to receive into
+        directly (``sock.recv_into``), then report with :meth:`filled`. Else None."""
+        return None if self._big is None else self._big[self._big_pos:]
+
+    def filled(self, n: int) -> list[Frame]:
+        """``n`` bytes were written into :meth:`big_target`; return the frames completed."""
+        frames: list[Frame] = []
+        self._big_advance(n, frames)
+        return frames
+
+    def _big_advance(self, n: int, frames: list[Frame]) -> None:
+        assert self._big is not None
+        self._mac.update(self._big[self._big_pos:self._big_pos + n])
+        self._big_pos += n
+        if self._big_pos == len(self._big):
+            self._segments.append(self._big_obj)
+            self._big = self._big_obj = None
+            self._step(frames)
 
     def _step(self, frames: list[Frame]) -> None:
         while True:
@@ -314,20 +329,39 @@ def _handshake_keys(key: bytes, nonce_s: bytes, nonce_c: bytes) -> tuple[bytes, 
     return _derive(key, b"c2s", nonce_s, nonce_c), _derive(key, b"s2c", nonce_s, nonce_c)
 
 
+def server_hello() -> tuple[bytes, bytes]:
+    """Engine side, step 1: a fresh nonce and the greeting that carries it."""
+    nonce_s = os.urandom(NONCE_SIZE)
+    return nonce_s, HELLO.pack(MAGIC, VERSION, nonce_s)
+
+
+def server_verify(key: bytes, nonce_s: bytes, answer: bytes,
+                  max_frame: int = MAX_FRAME_BYTES) -> tuple[bytes, Codec]:
+    """Engine side, step 2: check the client's proof; return our proof and the codec."""
+    nonce_c, proof = answer[:NONCE_SIZE], answer[NONCE_SIZE:]
+    if len(answer) != NONCE_SIZE + MAC_SIZE or not hmac.compare_digest(
+            proof, _derive(key, b"client", nonce_s, nonce_c)):
+        raise ProtocolError("client did not prove the cluster key")
+    c2s, s2c = _handshake_keys(key, nonce_s, nonce_c)
+    return (_derive(key, b"server", nonce_s, nonce_c),
+            Codec(send_key=s2c, recv_key=c2s, max_frame=max_frame))
+
+
+#: Bytes the client sends in the handshake (its nonce and its proof).
+CLIENT_PROOF_SIZE = NONCE_SIZE + MAC_SIZE
+
+
 async def server_handshake(reader: Reader, writer: Writer, key: bytes,
                            max_frame: int = MAX_FRAME_BYTES) -> Codec:
     """Engine side: prove the peer holds the key. Returns the connection's codec."""
-    nonce_s = os.urandom(NONCE_SIZE)
-    writer.write(HELLO.pack(MAGIC, VERSION, nonce_s))
+    nonce_s, hello = server_hello()
+    writer.write(hello)
     await writer.drain()
-    answer = await reader.readexactly(NONCE_SIZE + MAC_SIZE)
-    nonce_c, proof = answer[:NONCE_SIZE], answer[NONCE_SIZE:]
-    if not hmac.compare_digest(proof, _derive(key, b"client", nonce_s, nonce_c)):
-        raise ProtocolError("client did not prove the cluster key")
-    writer.write(_derive(key, b"server", nonce_s, nonce_c))
+    answer = await reader.readexactly(CLIENT_PROOF_SIZE)
+    proof, codec = server_verify(key, nonce_s, answer, max_frame)
+    writer.write(proof)
     await writer.drain()
-    c2s, s2c = _handshake_keys(key, nonce_s, nonce_c)
-    return Codec(send_key=s2c, recv_key=c2s, max_frame=max_frame)
+    return codec
 
 
 async def client_handshake(reader: Reader, writer: Writer, key: bytes,

@@ -1,24 +1,24 @@
-"""The engine daemon: a Unix socket server (IO thread) feeding a task loop (main thread).
+"""The engine daemon: one thread runs tasks and serves the socket; a sentry covers long tasks.
 
 Layer: engine. Shipped to engines; stdlib, cloudpickle and the shipped sshpar modules only.
 
-Threads: the main thread runs tasks in order, so SIGINT interrupts the running task; an IO
-thread runs an asyncio loop that accepts clients, checks every frame, queues tasks and sends
-results and live output. Results stay in ``results`` until a client acknowledges them, so a
-client that went away can fetch them later.
+The main thread drives the reactor (``reactor.py``) and runs each task inline as it comes,
+so a round trip costs no thread hand-off. It gives up ``io_lock`` while a task runs; once a
+task has run for ``SENTRY_POLL`` seconds, the sentry thread takes the lock and serves the
+socket until the task ends: heartbeats, interrupts, aborts, live output, new clients. The
+sentry also enforces time limits. SIGINT is raised only inside user code (the task being
+interrupted). Results stay in ``results`` until a client acknowledges them, so a client that
+went away can fetch them later.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 import logging
 import os
-import queue
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
@@ -28,83 +28,98 @@ from .. import _wire
 from ..errors import ProtocolError
 from . import ops
 from .executor import Executor, Task, TaskTimeout
+from .reactor import Conn, Reactor
 
 log = logging.getLogger("sshpar.engine")
 
-HANDSHAKE_TIMEOUT = 10.0
+#: How long a task runs before the sentry takes over the socket (and how often it looks).
+SENTRY_POLL = 0.02
+#: The sentry sleeps until the next task after this long without one.
+SENTRY_NAP = 1.0
+#: Deferred results are written at the latest this late while tasks keep coming (seconds).
+RESULT_DELAY = 0.002
+#: An interrupt that finds the task outside user code (still unpickling) is retried this long.
+INTERRUPT_RETRY = 2.0
 
 
-class Connection:
-    """One connected client, as the IO thread sees it."""
-
-    def __init__(self, sender: _wire.FrameSender, writer: Any) -> None:
-        self.sender = sender
-        self.writer = writer
-        self.open = True
-
-    def send(self, kind: _wire.Kind, meta: dict, payload: list | tuple = (), *,
-             defer: bool = False) -> None:
-        if self.open:
-            try:
-                self.sender.send(kind, meta, payload, defer=defer)
-            except Exception as exc:  # noqa: BLE001 - a dead client must not stop the engine
-                log.info("client connection lost while sending: %s", exc)
-                self.open = False
-
-    def flush(self) -> None:
-        if self.open:
-            try:
-                self.sender.flush_small()
-            except Exception as exc:  # noqa: BLE001
-                log.info("client connection lost while sending: %s", exc)
-                self.open = False
+def _ignore(task: Task) -> None:
+    pass
 
 
 class Daemon:
     def __init__(self, conf: dict, key: bytes, sock: socket.socket) -> None:
         self.conf = conf
-        self.key = key
-        self.sock = sock
         self.uuid = conf["uuid"]
         self.socket_path = conf["socket"]
         self.idle_timeout = float(conf.get("idle_timeout") or 0)
         self.executor = Executor()
         ops.EXECUTOR = self.executor
-        self.tasks: queue.Queue[Task | None] = queue.Queue()
-        self.results: dict[str, Task] = {}           # finished, not yet acknowledged
+        self.ready: collections.deque[Task] = collections.deque()  # received, not started
         self.queued: dict[str, Task] = {}            # received, not yet finished
-        self.conns: set[Connection] = set()
-        self.loop = asyncio.new_event_loop()
-        self._outbox: collections.deque[tuple[str, Task]] = collections.deque()
-        self._wakeup_pending = False
-        self._idle_handle: asyncio.TimerHandle | None = None
-        self._stopping = False
+        self.results: dict[str, Task] = {}           # finished, not yet acknowledged
+        self.reactor = Reactor(sock, key, on_connect=self._on_connect,
+                               on_frame=self._dispatch, on_close=self._on_close)
+        self.io_lock = threading.Lock()
         self.started_at = time.time()
         self.done_count = 0
-        self.lock = threading.Lock()
+        self._idle_deadline: float | None = None
+        # shared with the sentry
+        self.busy: Task | None = None
+        self.busy_since = 0.0
+        self.runs = 0
+        self._sentry_serving = False
+        self._sentry_asleep = False
+        self._sentry_bell = threading.Event()
+        self._interrupt_due: tuple[Task, bool, float] | None = None
+
+    @property
+    def conns(self) -> set[Conn]:
+        return self.reactor.conns
 
     # -- main thread ----------------------------------------------------------------------
     def serve(self) -> None:
-        io = threading.Thread(target=self._io_main, name="sshpar-engine-io", daemon=True)
-        io.start()
         signal.signal(signal.SIGTERM, lambda *_: self._exit(0))
         signal.signal(signal.SIGINT, self._on_sigint)
+        self.io_lock.acquire()
+        threading.Thread(target=self._sentry, name="sshpar-sentry", daemon=True).start()
+        self._arm_idle()
+        reactor = self.reactor
         try:
             while True:
-                task = self.tasks.get()
-                if task is None:
-                    break
-                with self.lock:  # abort() and the start of a task exclude each other
-                    if task.aborted:
-                        continue
-                    self.executor.current = task
-                limit = task.meta.get("timeout")
-                if limit:
-                    self.loop.call_soon_threadsafe(self._arm_timeout, task, float(limit))
-                self.executor.run(task)
-                self._post("result", task)
+                if self.ready:
+                    reactor.poll(0)  # control frames first: an abort may concern the next task
+                    reactor.flush_due(RESULT_DELAY)
+                    if self.ready:
+                        self._run(self.ready.popleft())
+                else:
+                    reactor.flush_due(0)
+                    reactor.poll(self._wait_time())
+                    self._check_idle()
         finally:
             self._exit(0)
+
+    def _run(self, task: Task) -> None:
+        ex = self.executor
+        ex.current = task
+        self.busy_since = time.monotonic()
+        self.busy = task
+        self.runs += 1
+        if self._sentry_asleep:
+            self._sentry_asleep = False
+            self._sentry_bell.set()
+        self.io_lock.release()
+        try:
+            ex.run(task)
+        finally:
+            self.busy = None  # before looking at _sentry_serving: see _sentry_serve
+            if self._sentry_serving:
+                self.reactor.wake()
+            self.io_lock.acquire()
+        self.queued.pop(task.msg_id, None)
+        self.results[task.msg_id] = task
+        self.done_count += 1
+        self._send_output(task)
+        self._send_result(task, task.owner)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         # Interrupts are aimed at the running task: raise only inside user code, never
@@ -117,21 +132,18 @@ class Daemon:
             raise TaskTimeout(f"time limit of {task.meta.get('timeout'):g} s exceeded")
         raise KeyboardInterrupt
 
-    def _interrupt(self, task: Task, *, timeout: bool = False, tries: int = 100) -> None:
+    def _interrupt(self, task: Task, *, timeout: bool = False) -> None:
         ex = self.executor
         if ex.current is not task:
             return
-        if not ex.in_user_code:  # still unpickling: try again in a moment (bounded)
-            if tries > 0:
-                self.loop.call_later(0.01, lambda: self._interrupt(task, timeout=timeout,
-                                                                   tries=tries - 1))
+        if not ex.in_user_code:  # still unpickling: the sentry tries again (bounded)
+            if self._interrupt_due is None:
+                self._interrupt_due = (task, timeout, time.monotonic() + INTERRUPT_RETRY)
             return
+        self._interrupt_due = None
         if timeout:
             ex.timeout_hit = task.msg_id
         os.kill(os.getpid(), signal.SIGINT)
-
-    def _arm_timeout(self, task: Task, limit: float) -> None:
-        self.loop.call_later(limit, lambda: self._interrupt(task, timeout=True))
 
     def _exit(self, code: int) -> None:
         self._remove_socket()
@@ -145,45 +157,68 @@ class Daemon:
         except FileNotFoundError:
             pass
 
-    def _post(self, what: str, task: Task) -> None:
-        # Called from the main thread: hand work to the IO thread, waking it once per burst.
-        self._outbox.append((what, task))
-        if not self._wakeup_pending:
-            self._wakeup_pending = True
-            try:
-                self.loop.call_soon_threadsafe(self._drain_outbox)
-            except RuntimeError:  # loop closed: we are exiting
-                pass
+    # -- the sentry thread ----------------------------------------------------------------
+    def _sentry(self) -> None:
+        seen, quiet_since = -1, time.monotonic()
+        while True:
+            task, now = self.busy, time.monotonic()
+            if task is None:
+                if self.runs != seen:
+                    seen, quiet_since = self.runs, now
+                elif now - quiet_since >= SENTRY_NAP:  # no work for a while: sleep until some
+                    self._sentry_asleep = True
+                    if self.busy is None and self.runs == seen:
+                        self._sentry_bell.wait()
+                    self._sentry_bell.clear()
+                    self._sentry_asleep = False
+                    continue
+                time.sleep(SENTRY_POLL)
+                continue
+            self._watch(task, now)
+            elapsed = now - self.busy_since
+            if elapsed < SENTRY_POLL:
+                time.sleep(min(SENTRY_POLL - elapsed, self._limit_left(task, now)))
+            elif self.io_lock.acquire(timeout=SENTRY_POLL):
+                try:
+                    self._sentry_serve(task)
+                finally:
+                    self.io_lock.release()
 
-    # -- IO thread ------------------------------------------------------------------------
-    def _io_main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._start_server())
-        self._arm_idle()
-        self.loop.run_forever()
-
-    async def _start_server(self) -> None:
-        self.server = await asyncio.start_unix_server(self._handle, sock=self.sock,
-                                                      limit=1 << 20)
-
-    def _drain_outbox(self) -> None:
-        self._wakeup_pending = False
-        touched = set()
-        while self._outbox:
-            what, task = self._outbox.popleft()
-            if task.owner is not None:
-                touched.add(task.owner)
-            if what == "result":
-                self.queued.pop(task.msg_id, None)
-                self.results[task.msg_id] = task
-                self.done_count += 1
+    def _sentry_serve(self, task: Task) -> None:
+        """Serve the socket while ``task`` runs. The main thread clears ``busy`` before it
+        looks at ``_sentry_serving``, and we set that before looking at ``busy``: so either
+        we see the task end, or the main thread sees us and wakes the reactor."""
+        self._sentry_serving = True
+        try:
+            while self.busy is task:
+                now = time.monotonic()
+                self._watch(task, now)
                 self._send_output(task)
-                self._send_result(task, task.owner)
+                self.reactor.flush_due(0)
+                self.reactor.poll(min(SENTRY_POLL, self._limit_left(task, now)))
+        finally:
+            self._sentry_serving = False
+
+    def _limit_left(self, task: Task, now: float) -> float:
+        limit = task.meta.get("timeout")
+        if not limit or self.executor.timeout_hit == task.msg_id:
+            return SENTRY_POLL
+        return max(0.0, self.busy_since + float(limit) - now)
+
+    def _watch(self, task: Task, now: float) -> None:
+        """Time limits, and interrupts waiting for the task to reach user code."""
+        due = self._interrupt_due
+        if due is not None:
+            if due[0] is not task or now > due[2]:
+                self._interrupt_due = None
             else:
-                self._send_output(task)
-        for conn in touched:  # everything of this burst in one write per client
-            conn.flush()
+                self._interrupt(task, timeout=due[1])
+        limit = task.meta.get("timeout")
+        if (limit and self.executor.timeout_hit != task.msg_id
+                and now - self.busy_since >= float(limit)):
+            self._interrupt(task, timeout=True)
 
+    # -- connections (io_lock holder) -----------------------------------------------------
     def _send_output(self, task: Task) -> None:
         conn = task.owner
         if conn is None or not conn.open:
@@ -195,78 +230,41 @@ class Daemon:
                 conn.send(_wire.Kind.OUTPUT, {"msg_id": task.msg_id, "name": stream.name,
                                               "text": text}, defer=True)
 
-    def _send_result(self, task: Task, conn: Connection | None) -> None:
+    def _send_result(self, task: Task, conn: Conn | None) -> None:
         if conn is not None and conn.open:
             conn.send(_wire.Kind.RESULT, task.result_meta(), task.result, defer=True)
 
-    def _on_output(self, task: Task) -> None:
-        self._post("output", task)
-
     def _arm_idle(self) -> None:
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
+        self._idle_deadline = None
         if self.idle_timeout > 0 and not self.conns:
-            self._idle_handle = self.loop.call_later(self.idle_timeout, self._idle_exit)
+            self._idle_deadline = time.monotonic() + self.idle_timeout
 
-    def _idle_exit(self) -> None:
-        self._idle_handle = None
+    def _wait_time(self) -> float | None:
+        if self._idle_deadline is None:
+            return None
+        return max(0.0, self._idle_deadline - time.monotonic())
+
+    def _check_idle(self) -> None:
+        if self._idle_deadline is None or time.monotonic() < self._idle_deadline:
+            return
         if self.queued:  # work in progress keeps the engine alive; check again later
             self._arm_idle()
             return
-        if not self.conns:
-            log.info("no client for %.0f s: exiting", self.idle_timeout)
-            if self.results:
-                log.warning("discarding %d result(s) no client fetched: %s",
-                            len(self.results), ", ".join(list(self.results)[:20]))
-            self._remove_socket()
-            os._exit(0)
+        log.info("no client for %.0f s: exiting", self.idle_timeout)
+        if self.results:
+            log.warning("discarding %d result(s) no client fetched: %s",
+                        len(self.results), ", ".join(list(self.results)[:20]))
+        self._exit(0)
 
-    def _peer_ok(self, writer: asyncio.StreamWriter) -> bool:
-        sock = writer.get_extra_info("socket")
-        if sock is None or not hasattr(socket, "SO_PEERCRED"):
-            return True
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
-        if uid != os.getuid():
-            log.warning("refused a connection from uid %d (engine runs as uid %d)",
-                        uid, os.getuid())
-            return False
-        return True
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self._peer_ok(writer):
-            writer.close()
-            return
-        try:
-            codec = await asyncio.wait_for(
-                _wire.server_handshake(reader, writer, self.key), HANDSHAKE_TIMEOUT)
-        except (ProtocolError, asyncio.IncompleteReadError, asyncio.TimeoutError,
-                ConnectionError) as exc:
-            log.warning("handshake refused: %s", exc)
-            writer.close()
-            return
-        conn = Connection(_wire.FrameSender(codec, writer), writer)
-        self.conns.add(conn)
+    def _on_connect(self, conn: Conn) -> None:
         self._arm_idle()
         conn.send(_wire.Kind.REPLY, {"op": "hello", **self.info()})
-        parser = _wire.FrameParser(codec)
-        try:
-            while True:
-                for frame in await _wire.read_frames(reader, parser):
-                    self._dispatch(frame, conn)
-        except (asyncio.IncompleteReadError, ConnectionError, EOFError):
-            pass
-        except ProtocolError as exc:
-            log.warning("dropped a client: %s", exc)
-        finally:
-            conn.open = False
-            self.conns.discard(conn)
-            for task in self.queued.values():
-                if task.owner is conn:
-                    task.owner = None
-            writer.close()
-            self._arm_idle()
+
+    def _on_close(self, conn: Conn) -> None:
+        for task in self.queued.values():
+            if task.owner is conn:
+                task.owner = None
+        self._arm_idle()
 
     def info(self) -> dict:
         return {
@@ -284,7 +282,7 @@ class Daemon:
             "clients": len(self.conns),
         }
 
-    def _dispatch(self, frame: _wire.Frame, conn: Connection) -> None:
+    def _dispatch(self, frame: _wire.Frame, conn: Conn) -> None:
         meta = frame.meta
         if frame.kind is _wire.Kind.TASK:
             msg_id = meta.get("msg_id")
@@ -295,16 +293,16 @@ class Daemon:
                 raise ProtocolError("TASK frame with malformed acks")
             for acked in acks:
                 self.results.pop(acked, None)
-            task = Task(msg_id, meta, frame.payload, conn, self._on_output)
+            task = Task(msg_id, meta, frame.payload, conn, _ignore)
             task.queued_at = time.time()
             self.queued[msg_id] = task
-            self.tasks.put(task)
+            self.ready.append(task)
         elif frame.kind is _wire.Kind.CONTROL:
             self._control(meta, conn)
         else:
             raise ProtocolError(f"unexpected {frame.kind.name} frame from a client")
 
-    def _control(self, meta: dict, conn: Connection) -> None:
+    def _control(self, meta: dict, conn: Conn) -> None:
         op = meta.get("op")
         ids = meta.get("msg_ids", [])
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
@@ -314,7 +312,8 @@ class Daemon:
                 self.results.pop(msg_id, None)
         elif op == "shutdown":
             conn.send(_wire.Kind.REPLY, {"op": "shutdown", "req": meta.get("req")})
-            self.loop.create_task(self._shutdown(conn))
+            conn.flush_blocking(5.0)
+            self._exit(0)
         elif op == "ping":
             conn.send(_wire.Kind.REPLY, {"op": "ping"})
         elif op == "interrupt":
@@ -325,24 +324,19 @@ class Daemon:
                 self._interrupt(task)
             conn.send(_wire.Kind.REPLY, {"op": op, "req": meta.get("req"),
                                          "interrupted": task.msg_id if hit and task else None})
-        elif op == "abort":
-            aborted = []
-            with self.lock:
-                for task in list(self.queued.values()):
-                    if task is self.executor.current or task.aborted:
-                        continue
-                    if (msg := task.msg_id) in ids or (not ids and task.owner is conn):
-                        task.aborted = True
-                        task.status = "aborted"
-                        aborted.append(msg)
-            for msg in aborted:
-                task = self.queued.pop(msg)
-                self.results[msg] = task
+        elif op == "abort":  # tasks not started yet; the running one is left to interrupt
+            aborted = [t for t in self.ready
+                       if t.msg_id in ids or (not ids and t.owner is conn)]
+            for task in aborted:
+                task.aborted = True
+                task.status = "aborted"
+                self.queued.pop(task.msg_id, None)
+                self.results[task.msg_id] = task
                 self._send_result(task, task.owner)
-                if task.owner is not None:
-                    task.owner.flush()
+            if aborted:
+                self.ready = collections.deque(t for t in self.ready if not t.aborted)
             conn.send(_wire.Kind.REPLY, {"op": op, "req": meta.get("req"),
-                                         "aborted": aborted})
+                                         "aborted": [t.msg_id for t in aborted]})
         elif op == "info":
             conn.send(_wire.Kind.REPLY, {"op": "info", "req": meta.get("req"), **self.info()})
         elif op == "fetch":
@@ -366,14 +360,6 @@ class Daemon:
         else:
             conn.send(_wire.Kind.REPLY, {"op": op, "req": meta.get("req"),
                                          "error": f"unknown control operation {op!r}"})
-
-    async def _shutdown(self, conn: Connection) -> None:
-        try:
-            await asyncio.wait_for(conn.sender.flush(), 5)
-        except Exception:  # noqa: BLE001 - we are exiting either way
-            pass
-        self._remove_socket()
-        os._exit(0)
 
 
 def main() -> None:

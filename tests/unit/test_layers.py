@@ -369,7 +369,7 @@ def test_import_parser_sees_relative_lazy_and_type_checking_imports() -> None:
     # known.
     daemon = {i.module for i in imports_of(PKG / "_engine" / "daemon.py")}
     assert {"sshpar._wire", "sshpar.errors", "sshpar._engine.ops",
-            "sshpar._engine.executor", "asyncio"} <= daemon
+            "sshpar._engine.executor", "sshpar._engine.reactor", "threading"} <= daemon
     errors = [i for i in imports_of(PKG / "errors.py") if i.module == "sshpar._render"]
     assert errors and all(i.lazy for i in errors)
     wire_lazy = {i.module for i in imports_of(PKG / "_wire.py") if i.lazy}
