@@ -52,6 +52,7 @@ class EngineChannel:
         self._outbox: collections.deque[tuple[TaskRecord, dict, list]] = collections.deque()
         self._wakeup = False
         self._acks: list[str] = []
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._requests: dict[int, asyncio.Future] = {}
         self._req = 0
         self._sender: _wire.FrameSender | None = None
@@ -216,6 +217,9 @@ class EngineChannel:
         return state
 
     def _send_acks(self) -> None:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
         acks, self._acks = self._acks, []
         if acks and self._sender is not None and self.state == "running":
             try:
@@ -257,8 +261,8 @@ class EngineChannel:
             rec = self.pending.pop(msg_id, None)
             # Results stay on the engine until acknowledged; acks are batched (or ride on
             # the next task), since each frame costs a packet or two over SSH.
-            if not self._acks:
-                self.loop.call_later(ACK_DELAY, self._send_acks)
+            if self._ack_timer is None:  # one timer at a time, not one per result
+                self._ack_timer = self.loop.call_later(ACK_DELAY, self._send_acks)
             self._acks.append(msg_id)
             if len(self._acks) >= ACK_BATCH:
                 self._send_acks()

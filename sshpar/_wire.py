@@ -8,12 +8,14 @@ on any other. After it, every frame is::
 
     header   !4sBBHQI   magic b"SPAR", version, kind, flags, seq, number of segments
     lengths  !Q * n     length of each segment
-    mac      32 bytes   HMAC-SHA256(direction key, header + lengths + segments)
     segments            segment 0: the envelope ("meta", plain data); then the payload
+    mac      32 bytes   HMAC-SHA256(direction key, header + lengths + segments)
 
 ``seq`` counts frames per direction from 0; a frame out of sequence is a replay and refused.
 Nothing in a frame is unpickled before its MAC verifies, and the envelope is unpickled by a
-loader that refuses every class, so reading it never runs code.
+loader that refuses every class, so reading it never runs code. Sizes are checked from the
+lengths alone, before the body is read. A small frame is signed and checked in one call over
+contiguous bytes; a large one is signed as it streams, its arrays never copied.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any, Protocol
 from .errors import ProtocolError
 
 MAGIC = b"SPAR"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("!4sBBHQI")
 MAC_SIZE = 32
 NONCE_SIZE = 32
@@ -43,6 +45,16 @@ MAX_FRAME_BYTES = 2 << 30
 MAX_SEGMENTS = 4096
 #: Segments at least this large are read into a writable buffer in chunks (flat memory).
 _CHUNK = 1 << 20
+#: Frames up to this size are sent as one joined buffer (copying is cheaper than more writes).
+_JOIN = 64 * 1024
+_LENGTHS: dict[int, struct.Struct] = {}
+
+
+def _lengths(nseg: int) -> struct.Struct:
+    st = _LENGTHS.get(nseg)
+    if st is None:
+        st = _LENGTHS[nseg] = struct.Struct(f"!{nseg}Q")
+    return st
 
 
 class Kind(enum.IntEnum):
@@ -118,23 +130,28 @@ class Codec:
 
     # -- sending --------------------------------------------------------------------------
     def encode(self, kind: Kind, meta: dict, payload: Sequence[Any] = ()) -> list:
-        """Return the frame as a list of buffers ready for ``writelines`` (no copies)."""
-        segments = [dumps_meta(meta), *payload]
-        views = [s if isinstance(s, (bytes, bytearray)) else memoryview(s).cast("B")
-                 for s in segments]
+        """Return the frame as a list of buffers ready for ``writelines``: one joined buffer
+        for a small frame, else the payload's own buffers (no copies)."""
+        views: list[Any] = [dumps_meta(meta)]
+        for s in payload:
+            views.append(s if isinstance(s, (bytes, bytearray)) else memoryview(s).cast("B"))
         lengths = [len(v) if isinstance(v, (bytes, bytearray)) else v.nbytes for v in views]
-        head = HEADER.pack(MAGIC, VERSION, int(kind), 0, self._send_seq, len(views))
-        lens = struct.pack(f"!{len(lengths)}Q", *lengths)
+        head = HEADER.pack(MAGIC, VERSION, int(kind), 0, self._send_seq, len(views)) + \
+            _lengths(len(views)).pack(*lengths)
         self._send_seq += 1
+        if sum(lengths) <= _JOIN:
+            body = b"".join([head, *views])
+            return [body + hmac.digest(self._send_key, body, "sha256")]
         mac = hmac.new(self._send_key, head, hashlib.sha256)
-        mac.update(lens)
         for v in views:
             mac.update(v)
-        return [head + lens + mac.digest(), *views]
+        return [head, *views, mac.digest()]
 
     # -- receiving ------------------------------------------------------------------------
-    def _check_header(self, head: bytes) -> tuple[int, int, int]:
-        magic, version, kind, _flags, seq, nseg = HEADER.unpack(head)
+    def check_header(self, buf: Any, pos: int = 0) -> tuple[int, int, int]:
+        """(kind, seq, number of segments) of the header at ``buf[pos:]``; refuses a
+        stranger, another version or an absurd segment count."""
+        magic, version, kind, _flags, seq, nseg = HEADER.unpack_from(buf, pos)
         if magic != MAGIC:
             raise ProtocolError(f"bad frame magic {magic!r}: not an sshpar peer, or corrupted")
         if version != VERSION:
@@ -143,21 +160,25 @@ class Codec:
             raise ProtocolError(f"frame claims {nseg} segments (limit {MAX_SEGMENTS})")
         return kind, seq, nseg
 
-    def _check_lengths(self, lens_raw: bytes, nseg: int) -> tuple[int, ...]:
-        lengths = struct.unpack(f"!{nseg}Q", lens_raw)
+    def check_lengths(self, buf: Any, pos: int, nseg: int) -> tuple[int, ...]:
+        lengths = _lengths(nseg).unpack_from(buf, pos)
         total = sum(lengths)
         if total > self.max_frame:
             raise ProtocolError(f"frame of {total} bytes exceeds the limit of {self.max_frame}")
         return lengths
 
-    def _new_mac(self, head: bytes, lens_raw: bytes) -> Any:
-        mac = hmac.new(self._recv_key, head, hashlib.sha256)
-        mac.update(lens_raw)
-        return mac
+    def new_mac(self, head: Any) -> Any:
+        return hmac.new(self._recv_key, head, hashlib.sha256)
 
-    def _finish(self, kind: int, seq: int, mac: Any, mac_given: bytes,
-                segments: list) -> Frame:
-        if not hmac.compare_digest(mac.digest(), mac_given):
+    def verify(self, signed: Any, mac_given: Any) -> None:
+        """Check the MAC over ``signed`` (one contiguous buffer)."""
+        if not hmac.compare_digest(hmac.digest(self._recv_key, signed, "sha256"), mac_given):
+            raise ProtocolError("frame signature does not verify (wrong key or tampered frame)")
+
+    def finish(self, kind: int, seq: int, segments: list, mac: Any = None,
+               mac_given: Any = b"") -> Frame:
+        """Accept a frame whose MAC is verified (or is checked here: ``mac``)."""
+        if mac is not None and not hmac.compare_digest(mac.digest(), mac_given):
             raise ProtocolError("frame signature does not verify (wrong key or tampered frame)")
         if seq != self._recv_seq:
             raise ProtocolError(f"frame out of sequence ({seq}, expected {self._recv_seq}): "
@@ -173,36 +194,35 @@ class Codec:
         """Read, check and return one frame. Raises ProtocolError on anything not genuine,
         and EOFError (asyncio.IncompleteReadError) when the stream ends between frames."""
         head = await reader.readexactly(HEADER.size)
-        kind, seq, nseg = self._check_header(head)
+        kind, seq, nseg = self.check_header(head)
         lens_raw = await reader.readexactly(8 * nseg)
-        lengths = self._check_lengths(lens_raw, nseg)
-        mac_given = await reader.readexactly(MAC_SIZE)
-        mac = self._new_mac(head, lens_raw)
+        lengths = self.check_lengths(lens_raw, 0, nseg)
+        mac = self.new_mac(head + lens_raw)
         segments = []
         for n in lengths:
             seg = await _read_segment(reader, n)
             mac.update(seg)
             segments.append(seg)
-        return self._finish(kind, seq, mac, mac_given, segments)
+        mac_given = await reader.readexactly(MAC_SIZE)
+        return self.finish(kind, seq, segments, mac, mac_given)
 
 
 class FrameParser:
     """Turns a byte stream into checked frames, as the bytes arrive (no awaits per field).
 
-    Small parts gather in one buffer; a large segment (an array) is filled in place, chunk by
-    chunk, so it is held once and comes out writable. Errors are raised by :meth:`feed`.
+    A frame that is whole in the buffer is checked in place, in one MAC call. A large one
+    streams: small parts gather in the buffer, and a large segment (an array) is filled in
+    place, chunk by chunk, so it is held once and comes out writable. Errors are raised by
+    :meth:`feed`.
     """
 
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
         self._buf = bytearray()
-        self._need = HEADER.size
-        self._stage = 0          # 0 header, 1 lengths+mac, 2 segments
-        self._head = b""
-        self._frame: tuple = ()
-        self._lengths: tuple[int, ...] = ()
-        self._segments: list = []
+        # a frame being streamed: (kind, seq, lengths), its MAC so far and its segments
+        self._frame: tuple | None = None
         self._mac: Any = None
+        self._segments: list = []
         self._big: memoryview | None = None
         self._big_obj: bytearray | None = None
         self._big_pos = 0
@@ -244,52 +264,77 @@ class FrameParser:
             self._step(frames)
 
     def _step(self, frames: list[Frame]) -> None:
-        while True:
-            if self._stage == 0:
-                if len(self._buf) < HEADER.size:
+        buf, codec = self._buf, self.codec
+        pos = 0
+        try:
+            while True:
+                if self._frame is not None:
+                    consumed, pos = pos, 0
+                    if not self._stream(consumed, frames):
+                        return
+                    buf = self._buf
+                    continue
+                have = len(buf) - pos
+                if have < HEADER.size:
                     return
-                self._head = bytes(self._buf[:HEADER.size])
-                del self._buf[:HEADER.size]
-                kind, seq, nseg = self.codec._check_header(self._head)
-                self._frame = (kind, seq, nseg)
-                self._stage = 1
-            elif self._stage == 1:
-                nseg = self._frame[2]
-                if len(self._buf) < 8 * nseg:
+                kind, seq, nseg = codec.check_header(buf, pos)
+                body = pos + HEADER.size + 8 * nseg
+                if len(buf) < body:
                     return
                 # Sizes are checked as soon as they are known, before waiting for more.
-                lens_raw = bytes(self._buf[:8 * nseg])
-                self._lengths = self.codec._check_lengths(lens_raw, nseg)
-                if len(self._buf) < 8 * nseg + MAC_SIZE:
+                lengths = codec.check_lengths(buf, pos + HEADER.size, nseg)
+                end = body + sum(lengths)
+                if len(buf) >= end + MAC_SIZE:  # whole: check in place, in one call
+                    with memoryview(buf) as mv:
+                        codec.verify(mv[pos:end], mv[end:end + MAC_SIZE])
+                        segments, at = [], body
+                        for n in lengths:
+                            segments.append(bytes(mv[at:at + n]))
+                            at += n
+                    frames.append(codec.finish(kind, seq, segments))
+                    pos = end + MAC_SIZE
+                elif end - body >= _CHUNK:
+                    # large and incomplete: stream it, segment by segment
+                    self._frame = (kind, seq, lengths)
+                    self._mac = codec.new_mac(bytes(buf[pos:body]))
+                    self._segments = []
+                    pos = body
+                else:
                     return
-                self._mac_given = bytes(self._buf[8 * nseg:8 * nseg + MAC_SIZE])
-                del self._buf[:8 * nseg + MAC_SIZE]
-                self._mac = self.codec._new_mac(self._head, lens_raw)
-                self._segments = []
-                self._stage = 2
-            else:
-                while len(self._segments) < len(self._lengths):
-                    n = self._lengths[len(self._segments)]
-                    if n >= _CHUNK and len(self._buf) < n:
-                        self._big_obj = bytearray(n)
-                        self._big = memoryview(self._big_obj)
-                        have = len(self._buf)
-                        self._big[:have] = self._buf
-                        self._mac.update(self._buf)
-                        self._big_pos = have
-                        self._buf = bytearray()
-                        return
-                    if len(self._buf) < n:
-                        return
-                    seg = bytes(self._buf[:n])
-                    del self._buf[:n]
-                    self._mac.update(seg)
-                    self._segments.append(seg)
-                kind, seq, _ = self._frame
-                frames.append(self.codec._finish(kind, seq, self._mac, self._mac_given,
-                                                 self._segments))
-                self._segments = []
-                self._stage = 0
+        finally:
+            if pos:
+                del self._buf[:pos]
+
+    def _stream(self, pos: int, frames: list[Frame]) -> bool:
+        """Advance the frame being streamed from ``self._buf[pos:]``; False: need more."""
+        del self._buf[:pos]
+        buf = self._buf
+        assert self._frame is not None
+        kind, seq, lengths = self._frame
+        while len(self._segments) < len(lengths):
+            n = lengths[len(self._segments)]
+            if n >= _CHUNK and len(buf) < n:
+                self._big_obj = bytearray(n)
+                self._big = memoryview(self._big_obj)
+                have = len(buf)
+                self._big[:have] = buf
+                self._mac.update(buf)
+                self._big_pos = have
+                buf.clear()
+                return False
+            if len(buf) < n:
+                return False
+            seg = bytes(buf[:n])
+            del buf[:n]
+            self._mac.update(seg)
+            self._segments.append(seg)
+        if len(buf) < MAC_SIZE:
+            return False
+        mac_given = bytes(buf[:MAC_SIZE])
+        del buf[:MAC_SIZE]
+        segments, self._segments, self._frame = self._segments, [], None
+        frames.append(self.codec.finish(kind, seq, segments, self._mac, mac_given))
+        return True
 
 
 async def read_frames(reader: Reader, parser: FrameParser, size: int = 1 << 18
