@@ -20,7 +20,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import _bootstrap, _wire
-from ._transport import ForwardingRefused
+from ._transport import ForwardingRefused, PushReader
 from .asyncresult import TaskRecord
 from .errors import EngineError, EngineInfo, ProtocolError, SshparError
 from .errors import TimeoutError as SshparTimeoutError
@@ -57,7 +57,9 @@ class EngineChannel:
         self._req = 0
         self._sender: _wire.FrameSender | None = None
         self._writer: Any = None
-        self._reader_task: asyncio.Task | None = None
+        self._reader_task: asyncio.Task | None = None   # the pump, for non-push streams
+        self._stream: object | None = None               # identifies the current stream
+        self._closed: asyncio.Future | None = None       # done when that stream ends
         self._sent_sources: dict[str, int] = {}
         self.loop = asyncio.get_running_loop()
 
@@ -105,7 +107,21 @@ class EngineChannel:
         self.state = "running"
         self.responsive = True
         self.last_seen = time.monotonic()
-        self._reader_task = asyncio.ensure_future(self._read_loop(reader, parser, frames))
+        stream = self._stream = object()
+        self._closed = self.loop.create_future()
+
+        def on_data(data: bytes) -> None:
+            self._on_data(stream, parser, data)
+
+        def on_end(exc: BaseException | None) -> None:
+            self._on_end(stream, exc)
+
+        for frame in frames:
+            self._receive(frame)
+        if isinstance(reader, PushReader):  # bytes go straight to the parser
+            reader.divert(on_data, on_end)
+        else:
+            self._reader_task = asyncio.ensure_future(self._pump(reader, on_data, on_end))
 
     async def resync(self) -> None:
         """After reopening: have the engine account for every task we still wait for."""
@@ -228,28 +244,52 @@ class EngineChannel:
                 pass
 
     # -- receiving --------------------------------------------------------------------------
-    async def _read_loop(self, reader: Any, parser: _wire.FrameParser,
-                         early: list[_wire.Frame]) -> None:
-        reason, fatal = "closed the connection", False
+    @staticmethod
+    async def _pump(reader: Any, on_data: Any, on_end: Any) -> None:
+        """For streams that cannot push: read and hand over, as a PushReader would."""
         try:
-            for frame in early:
-                self._receive(frame)
             while True:
-                frames = await _wire.read_frames(reader, parser)
-                self.last_seen = time.monotonic()
-                self.responsive = True
-                for frame in frames:
-                    self._receive(frame)
+                data = await reader.read(1 << 18)
+                if not data:
+                    break
+                on_data(data)
         except asyncio.CancelledError:
             return
-        except (asyncio.IncompleteReadError, EOFError, ConnectionError, OSError) as exc:
-            reason = f"closed the connection ({type(exc).__name__})"
+        except Exception as exc:  # noqa: BLE001 - reported as the stream's end
+            on_end(exc)
+            return
+        on_end(None)
+
+    def _on_data(self, stream: object, parser: _wire.FrameParser, data: bytes) -> None:
+        if stream is not self._stream:
+            return
+        try:
+            frames = parser.feed(data)
+            self.last_seen = time.monotonic()
+            self.responsive = True
+            for frame in frames:
+                self._receive(frame)
         except ProtocolError as exc:
-            reason, fatal = f"sent a bad frame: {exc}", True
+            reason = f"sent a bad frame: {exc}"
             log.error("%s: %s", self.info, reason)
-        except Exception as exc:  # noqa: BLE001 - e.g. the SSH library's ConnectionLost
+            self._stream_ended(stream, reason, fatal=True)
+        except Exception as exc:  # noqa: BLE001 - never into the transport's callback
+            log.exception("%s: failed to handle a frame", self.info)
+            self._stream_ended(stream, f"channel broke: {type(exc).__name__}: {exc}")
+
+    def _on_end(self, stream: object, exc: BaseException | None) -> None:
+        if exc is None or isinstance(exc, (EOFError, asyncio.IncompleteReadError)):
+            reason = "closed the connection"
+        elif isinstance(exc, (ConnectionError, OSError)):
+            reason = f"closed the connection ({type(exc).__name__})"
+        else:  # e.g. the SSH library's ConnectionLost
             reason = f"channel broke: {type(exc).__name__}: {exc}"
             log.info("%s: %s", self.info, reason)
+        self._stream_ended(stream, reason)
+
+    def _stream_ended(self, stream: object, reason: str, *, fatal: bool = False) -> None:
+        if stream is not self._stream:
+            return
         self._reader_task = None
         self._drop_stream(reason)
         self.host.channel_ended(self, reason, fatal=fatal)
@@ -285,6 +325,9 @@ class EngineChannel:
                            host=self.info.host, reason=what)
 
     def _drop_stream(self, reason: str) -> None:
+        self._stream = None
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
         self._sender = None
         if self._writer is not None:
             try:
@@ -327,14 +370,14 @@ class EngineChannel:
         if self.state != "running":
             return False
         self.state = "stopping"
-        task = self._reader_task
+        closed = self._closed
         try:
             await self.request("shutdown", timeout=CONTROL_TIMEOUT)
         except SshparError:
             return False
-        if task is not None:
+        if closed is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(task), CONTROL_TIMEOUT)
+                await asyncio.wait_for(asyncio.shield(closed), CONTROL_TIMEOUT)
             except (asyncio.TimeoutError, Exception):  # noqa: BLE001
                 return False
         return True

@@ -13,11 +13,12 @@ from __future__ import annotations
 import io
 import pickle
 import types
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import cloudpickle
-from cloudpickle.cloudpickle import _code_reduce
+from cloudpickle.cloudpickle import _code_reduce, _extract_code_globals
 
 from .errors import SerializationError
 
@@ -62,6 +63,104 @@ def dumps(obj: Any, *, what: str = "object", code_files: set[str] | None = None)
         raise SerializationError(
             f"cannot pickle {what}: {type(exc).__name__}: {exc}") from exc
     return [data, *(b.raw() for b in buffers)]
+
+
+def dumps_call(f: Callable, args: tuple, kwargs: dict, *, what: str,
+               code_files: set[str]) -> list:
+    """A call as segments: the function, then ``(args, kwargs)`` and its out-of-band buffers.
+
+    Raises SerializationError naming the function (``what``) or ``(args, kwargs)``.
+    """
+    return [_FUNCTIONS.dumps(f, what, code_files),
+            *dumps((args, kwargs), what="the arguments", code_files=code_files)]
+
+
+def loads_call(segments: Sequence[Any]) -> tuple[Callable, tuple, dict]:
+    """The inverse of :func:`dumps_call`."""
+    f = pickle.loads(segments[0])
+    args, kwargs = loads(segments[1:])
+    return f, args, kwargs
+
+
+class _FunctionPickles:
+    """cloudpickle's output for functions, reused while nothing the function captures can
+    have changed.
+
+    cloudpickle sends a function defined in ``__main__`` by value, with the globals, closure
+    cells and defaults it uses; pickling it is most of the client's cost of a small task. A
+    pickle is reused only for the same function object whose captures are the same objects
+    (by identity) and all immutable (numbers, strings, bytes, None, modules, builtins,
+    tuples of those, or functions that qualify in turn). A function that captures a list, a
+    dict, an array or a class from ``__main__`` is pickled afresh each call, as before.
+    """
+
+    LIMIT = 512
+    _LEAVES = (int, float, complex, str, bytes, bool, type(None), type(...), range,
+               types.ModuleType, types.BuiltinFunctionType)
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[Any, tuple, bytes, frozenset[str]]] = {}
+
+    def dumps(self, f: Callable, what: str, code_files: set[str]) -> bytes:
+        captured = self._captures(f, 0)
+        entry = self._entries.get(id(f))
+        if (entry is not None and captured is not None and entry[0]() is f
+                and len(entry[1]) == len(captured)
+                and all(a is b for a, b in zip(entry[1], captured))):
+            code_files.update(entry[3])
+            return entry[2]
+        files: set[str] = set()
+        data = dumps(f, what=what, code_files=files)[0]
+        code_files.update(files)
+        if captured is not None:
+            if len(self._entries) >= self.LIMIT:
+                self._entries.clear()
+            try:
+                self._entries[id(f)] = (weakref.ref(f), captured, data, frozenset(files))
+            except TypeError:  # not weak-referenceable: not cached
+                pass
+        return data
+
+    def _captures(self, f: Any, depth: int) -> tuple | None:
+        """Everything cloudpickle would capture of ``f``, or None if any of it is mutable."""
+        if not isinstance(f, types.FunctionType) or depth > 3 or f.__dict__:
+            return None
+        try:
+            names = _extract_code_globals(f.__code__)
+        except Exception:  # noqa: BLE001 - cloudpickle internals moved: do not cache
+            return None
+        g = f.__globals__
+        out: list[Any] = [f.__code__, f.__name__, f.__qualname__, f.__module__, f.__doc__]
+        values: list[Any] = [g.get(name, _MISSING) for name in names]
+        for cell in f.__closure__ or ():
+            try:
+                values.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                values.append(_MISSING)
+        values.extend(f.__defaults__ or ())
+        values.extend((f.__kwdefaults__ or {}).items())
+        for value in values:
+            if not self._immutable(value, out, depth):
+                return None
+        return tuple(out)
+
+    def _immutable(self, value: Any, out: list, depth: int) -> bool:
+        out.append(value)
+        if value is _MISSING or isinstance(value, self._LEAVES):
+            return True
+        if type(value) in (tuple, frozenset):
+            return depth < 3 and all(self._immutable(v, out, depth + 1) for v in value)
+        if isinstance(value, types.FunctionType):
+            inner = self._captures(value, depth + 1)
+            if inner is None:
+                return False
+            out.extend(inner)
+            return True
+        return False
+
+
+_MISSING = object()
+_FUNCTIONS = _FunctionPickles()
 
 
 def loads(segments: Sequence[Any]) -> Any:

@@ -345,12 +345,13 @@ def _pickle_call(f: Callable, args: tuple, kwargs: dict, name: str,
     if not callable(f):
         raise TypeError(f"apply() needs a callable, got {type(f).__name__}")
     try:
-        return _serialize.dumps((f, args, kwargs), what=f"the call to {name}",
-                                code_files=code_files)
+        return _serialize.dumps_call(f, args, kwargs, what=f"the function {name}",
+                                     code_files=code_files)
     except SerializationError as exc:
-        # Name the culprit: the function, or which argument.
-        parts: list[tuple[str, Any]] = [(f"the function {name}", f)]
-        parts += [(f"argument {i + 1} of {name}()", a) for i, a in enumerate(args)]
+        if not str(exc).startswith("cannot pickle the arguments"):
+            raise
+        # Name the culprit: which argument.
+        parts = [(f"argument {i + 1} of {name}()", a) for i, a in enumerate(args)]
         parts += [(f"keyword argument {k!r} of {name}()", v) for k, v in kwargs.items()]
         for what, obj in parts:
             try:

@@ -147,7 +147,7 @@ class Executor:
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = task.stdout, task.stderr
         try:
-            f, args, kwargs = _serialize.loads(task.payload)
+            f, args, kwargs = _serialize.loads_call(task.payload)
             f = self.rebind(f)
             args = resolve_references(args, self.namespace)
             kwargs = resolve_references(kwargs, self.namespace)

@@ -3,6 +3,6 @@
 Layer: transport. The only package that imports SSH libraries.
 """
 
-from .base import CommandResult, ForwardingRefused, Transport, make_transport
+from .base import CommandResult, ForwardingRefused, PushReader, Transport, make_transport
 
-__all__ = ["CommandResult", "ForwardingRefused", "Transport", "make_transport"]
+__all__ = ["CommandResult", "ForwardingRefused", "PushReader", "Transport", "make_transport"]

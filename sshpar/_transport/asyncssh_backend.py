@@ -19,6 +19,7 @@ from ..errors import ConnectTimeoutError, HostError, HostUnreachableError
 from .base import (
     CommandResult,
     ForwardingRefused,
+    PushReader,
     StreamReader,
     StreamWriter,
     Transport,
@@ -155,7 +156,8 @@ class AsyncsshTransport(Transport):
         if self._streamlocal_refused:
             raise ForwardingRefused("streamlocal forwarding was refused earlier")
         try:
-            reader, writer = await conn.open_unix_connection(path)
+            chan, session = await conn.create_unix_connection(_UnixSession, path)
+            assert isinstance(session, _UnixSession)
         except asyncssh.ChannelOpenError as exc:
             # OpenSSH answers "open failed" both when forwarding is disabled and when the
             # socket is missing: look at the socket to tell which.
@@ -166,7 +168,7 @@ class AsyncsshTransport(Transport):
             # The socket is there: forwarding is refused, or nothing listens on it (a
             # stale file). The caller tries the relay and tells us which it was.
             raise ForwardingRefused(f"{exc.reason} (code {exc.code})") from exc
-        return reader, writer  # type: ignore[return-value]
+        return session.reader, _ChannelWriter(chan, session)
 
     def note_forwarding_refused(self) -> None:
         self._streamlocal_refused = True
@@ -218,3 +220,62 @@ def _jump_specs(spec: HostSpec) -> list[HostSpec]:
         hops.append(dataclasses.replace(spec, host=host, user=user or spec.user,
                                         port=int(port) if port else None, proxy_jump=None))
     return hops
+
+
+class _UnixSession(asyncssh.SSHUNIXSession):
+    """A streamlocal channel's callbacks, feeding a PushReader (asyncssh's callback API:
+    data goes from the packet handler to the frame parser with no task wake-up between)."""
+
+    def __init__(self) -> None:
+        self.reader = PushReader(limit=1 << 20)
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.lost = False
+
+    def data_received(self, data: bytes, datatype: Any) -> None:
+        self.reader.feed_data(data)
+
+    def eof_received(self) -> bool:
+        self.reader.feed_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.writable.set()
+        if exc is not None:
+            self.reader.set_exception(exc)
+        elif not self.reader.at_eof():
+            self.reader.feed_eof()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+
+class _ChannelWriter:
+    """The writing half of a streamlocal channel, as a StreamWriter."""
+
+    def __init__(self, chan: Any, session: _UnixSession) -> None:
+        self._chan = chan
+        self._session = session
+
+    def write(self, data: Any) -> None:
+        self._chan.write(data)
+
+    def writelines(self, data: Any) -> None:
+        self._chan.writelines(data)
+
+    async def drain(self) -> None:
+        if self._session.lost:
+            raise ConnectionResetError("the SSH channel closed")
+        await self._session.writable.wait()
+        if self._session.lost:
+            raise ConnectionResetError("the SSH channel closed")
+
+    def close(self) -> None:
+        self._chan.close()
+
+    def is_closing(self) -> bool:
+        return self._session.lost

@@ -10,7 +10,9 @@ streams either to a Unix socket on the host or to a command's stdio. Backends: `
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..config import HostSpec
@@ -46,6 +48,51 @@ class StreamWriter(Protocol):
     async def drain(self) -> None: ...
     def close(self) -> None: ...
     def is_closing(self) -> bool: ...
+
+
+class PushReader(asyncio.StreamReader):
+    """A StreamReader that, once diverted, hands each chunk to a callback as it arrives.
+
+    The handshake reads it as a stream; afterwards :meth:`divert` sends bytes straight from
+    the protocol's ``data_received`` to the frame parser, saving a loop iteration (a task
+    wake-up) per read. Backends whose streams are built on it say so by returning one.
+    """
+
+    _sink: Callable[[bytes], None] | None = None
+    _on_end: Callable[[BaseException | None], None] | None = None
+
+    def divert(self, sink: Callable[[bytes], None],
+               on_end: Callable[[BaseException | None], None]) -> None:
+        """From now on: ``sink(data)`` per chunk, then ``on_end(exc or None)`` once."""
+        leftover = bytes(self._buffer)  # type: ignore[attr-defined]
+        self._buffer.clear()  # type: ignore[attr-defined]
+        self._maybe_resume_transport()  # type: ignore[attr-defined]
+        self._sink, self._on_end = sink, on_end
+        if leftover:
+            sink(leftover)
+        if self.exception() is not None:
+            self._end(self.exception())
+        elif self.at_eof():
+            self._end(None)
+
+    def _end(self, exc: BaseException | None) -> None:
+        on_end, self._on_end, self._sink = self._on_end, None, None
+        if on_end is not None:
+            on_end(exc)
+
+    def feed_data(self, data: Any) -> None:
+        if self._sink is not None:
+            self._sink(data)
+        elif self._on_end is None:
+            super().feed_data(data)
+
+    def feed_eof(self) -> None:
+        super().feed_eof()
+        self._end(None)
+
+    def set_exception(self, exc: Exception) -> None:
+        super().set_exception(exc)
+        self._end(exc)
 
 
 class ForwardingRefused(Exception):

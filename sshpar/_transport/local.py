@@ -9,7 +9,7 @@ import asyncio
 import shutil
 
 from ..errors import ConnectTimeoutError
-from .base import CommandResult, StreamReader, StreamWriter, Transport
+from .base import CommandResult, PushReader, StreamReader, StreamWriter, Transport
 
 _SHELL = shutil.which("bash") or "/bin/sh"
 
@@ -43,7 +43,11 @@ class LocalTransport(Transport):
         return CommandResult(status, out, err)
 
     async def open_unix(self, path: str) -> tuple[StreamReader, StreamWriter]:
-        return await asyncio.open_unix_connection(path, limit=1 << 20)  # type: ignore[return-value]
+        loop = asyncio.get_running_loop()
+        reader = PushReader(limit=1 << 20, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport, _ = await loop.create_unix_connection(lambda: protocol, path)
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
     async def open_exec(self, command: str) -> tuple[StreamReader, StreamWriter]:
         proc = await asyncio.create_subprocess_exec(

@@ -97,7 +97,8 @@ class EngineClient:
 
     async def submit(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
         msg_id = uuid.uuid4().hex
-        await self.send(Kind.TASK, {"msg_id": msg_id}, _serialize.dumps((f, args, kwargs)))
+        await self.send(Kind.TASK, {"msg_id": msg_id},
+                        _serialize.dumps_call(f, args, kwargs, what="f", code_files=set()))
         return msg_id
 
     async def read(self) -> Frame:
@@ -275,7 +276,8 @@ def test_tasks_run_in_the_order_sent(engine: Engine) -> None:
                 msg_id = uuid.uuid4().hex
                 sent.append(msg_id)
                 await c.send(Kind.TASK, {"msg_id": msg_id},
-                             _serialize.dumps((ops.execute, (f"{name}.append({i})",), {})))
+                             _serialize.dumps_call(ops.execute, (f"{name}.append({i})",), {},
+                                                  what="execute", code_files=set()))
             received: list[str] = []
             while len(received) < len(sent):
                 frame = await c.read()
@@ -549,7 +551,8 @@ def test_client_with_the_wrong_key_is_refused_and_the_engine_keeps_serving(
 
 
 def _counter_task(name: str) -> list:
-    return _serialize.dumps((ops.execute, (f"{name} = globals().get({name!r}, 0) + 1",), {}))
+    return _serialize.dumps_call(ops.execute, (f"{name} = globals().get({name!r}, 0) + 1",), {},
+                                 what="execute", code_files=set())
 
 
 async def _attack_garbage(attacker: EngineClient, engine: Engine, name: str) -> None:
