@@ -60,7 +60,7 @@ class EngineChannel:
         self._reader_task: asyncio.Task | None = None   # the pump, for non-push streams
         self._stream: object | None = None               # identifies the current stream
         self._closed: asyncio.Future | None = None       # done when that stream ends
-        self._sent_sources: dict[str, int] = {}
+        self._sent_sources: dict[str, tuple[list[str], int]] = {}
         self.loop = asyncio.get_running_loop()
 
     @property
@@ -148,11 +148,14 @@ class EngineChannel:
             lines = linecache.getlines(name)
             if not lines:
                 continue
+            sent = self._sent_sources.get(name)
+            if sent is not None and sent[0] is lines:  # linecache kept it: unchanged
+                continue
             text = "".join(lines)
             digest = hash(text)
-            if self._sent_sources.get(name) != digest:
-                self._sent_sources[name] = digest
+            if sent is None or sent[1] != digest:
                 out[name] = text
+            self._sent_sources[name] = (lines, digest)
         return out
 
     def submit(self, rec: TaskRecord, meta: dict, payload: list) -> None:

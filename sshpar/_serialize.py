@@ -71,8 +71,10 @@ def dumps_call(f: Callable, args: tuple, kwargs: dict, *, what: str,
 
     Raises SerializationError naming the function (``what``) or ``(args, kwargs)``.
     """
-    return [_FUNCTIONS.dumps(f, what, code_files),
-            *dumps((args, kwargs), what="the arguments", code_files=code_files)]
+    fdata = _FUNCTIONS.dumps(f, what, code_files)
+    if not args and not kwargs:
+        return [fdata, _NO_ARGUMENTS]
+    return [fdata, *dumps((args, kwargs), what="the arguments", code_files=code_files)]
 
 
 def loads_call(segments: Sequence[Any]) -> tuple[Callable, tuple, dict]:
@@ -161,6 +163,7 @@ class _FunctionPickles:
 
 _MISSING = object()
 _FUNCTIONS = _FunctionPickles()
+_NO_ARGUMENTS = pickle.dumps(((), {}), protocol=PROTOCOL)
 
 
 def loads(segments: Sequence[Any]) -> Any:

@@ -195,7 +195,8 @@ class AsyncResult(concurrent.futures.Future):
         with self._lock:
             self._remaining -= 1
             last = self._remaining == 0
-            self._progress.notify_all()
+            if not last:  # the last one notifies through set_result
+                self._progress.notify_all()
         if last:
             super().set_result(None)
 

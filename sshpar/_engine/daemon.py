@@ -38,6 +38,8 @@ SENTRY_POLL = 0.02
 SENTRY_NAP = 1.0
 #: Deferred results are written at the latest this late while tasks keep coming (seconds).
 RESULT_DELAY = 0.002
+#: While tasks are queued, the socket is looked at between two of them at least this often.
+POLL_GAP = 0.0005
 #: An interrupt that finds the task outside user code (still unpickling) is retried this long.
 INTERRUPT_RETRY = 2.0
 
@@ -84,11 +86,17 @@ class Daemon:
         threading.Thread(target=self._sentry, name="sshpar-sentry", daemon=True).start()
         self._arm_idle()
         reactor = self.reactor
+        polled = 0.0
         try:
             while True:
                 if self.ready:
-                    reactor.poll(0)  # control frames first: an abort may concern the next task
-                    reactor.flush_due(RESULT_DELAY)
+                    # Between queued tasks, look at the socket every POLL_GAP: control frames
+                    # (an abort of the next task) and new work, without a syscall per task.
+                    now = time.monotonic()
+                    if now - polled >= POLL_GAP:
+                        reactor.poll(0)
+                        reactor.flush_due(RESULT_DELAY)
+                        polled = now
                     if self.ready:
                         self._run(self.ready.popleft())
                 else:
