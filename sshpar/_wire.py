@@ -45,6 +45,9 @@ MAX_FRAME_BYTES = 2 << 30
 MAX_SEGMENTS = 4096
 #: Segments at least this large are read into a writable buffer in chunks (flat memory).
 _CHUNK = 1 << 20
+#: Large frames are written (and signed) in pieces of this size, each waiting for the stream
+#: to drain: about what a socket takes at once, so the transport never copies a remainder.
+_WRITE_CHUNK = 256 * 1024
 #: Frames up to this size are sent as one joined buffer (copying is cheaper than more writes).
 _JOIN = 64 * 1024
 _LENGTHS: dict[int, struct.Struct] = {}
@@ -99,6 +102,33 @@ def loads_meta(data: bytes | memoryview) -> dict:
     return meta
 
 
+class Signature:
+    """The MAC of a large frame, completed as it is written: a writer feeds every buffer
+    between the header and this one to ``mac`` as it sends it, then sends ``mac.digest()``."""
+
+    __slots__ = ("mac",)
+
+    def __init__(self, mac: Any) -> None:
+        self.mac = mac
+
+
+def finish_signature(bufs: list) -> list:
+    """``bufs`` with a trailing :class:`Signature` computed now, for writers that do not
+    sign as they send."""
+    if bufs and isinstance(bufs[-1], Signature):
+        mac = bufs[-1].mac
+        for view in bufs[1:-1]:
+            mac.update(view)
+        bufs[-1] = mac.digest()
+    return bufs
+
+
+def buffer_size(buf: Any) -> int:
+    if isinstance(buf, (bytes, bytearray)):
+        return len(buf)
+    return MAC_SIZE if isinstance(buf, Signature) else memoryview(buf).nbytes
+
+
 class Frame:
     """One received frame: its kind, envelope and payload segments."""
 
@@ -129,9 +159,15 @@ class Codec:
         self.max_frame = max_frame
 
     # -- sending --------------------------------------------------------------------------
-    def encode(self, kind: Kind, meta: dict, payload: Sequence[Any] = ()) -> list:
+    def encode(self, kind: Kind, meta: dict, payload: Sequence[Any] = (), *,
+               sign_as_sent: bool = False) -> list:
         """Return the frame as a list of buffers ready for ``writelines``: one joined buffer
-        for a small frame, else the payload's own buffers (no copies)."""
+        for a small frame, else the payload's own buffers (no copies).
+
+        With ``sign_as_sent``, a large frame ends in a :class:`Signature` instead of its MAC,
+        for a writer that signs each buffer as it writes it (see :func:`finish_signature`),
+        so signing overlaps with sending instead of delaying it.
+        """
         views: list[Any] = [dumps_meta(meta)]
         for s in payload:
             views.append(s if isinstance(s, (bytes, bytearray)) else memoryview(s).cast("B"))
@@ -142,10 +178,9 @@ class Codec:
         if sum(lengths) <= _JOIN:
             body = b"".join([head, *views])
             return [body + hmac.digest(self._send_key, body, "sha256")]
-        mac = hmac.new(self._send_key, head, hashlib.sha256)
-        for v in views:
-            mac.update(v)
-        return [head, *views, mac.digest()]
+        signature = Signature(hmac.new(self._send_key, head, hashlib.sha256))
+        bufs = [head, *views, signature]
+        return bufs if sign_as_sent else finish_signature(bufs)
 
     # -- receiving ------------------------------------------------------------------------
     def check_header(self, buf: Any, pos: int = 0) -> tuple[int, int, int]:
@@ -466,10 +501,10 @@ class FrameSender:
              defer: bool = False) -> None:
         if self.error is not None:
             raise self.error
-        bufs = self.codec.encode(kind, meta, payload)
-        size = sum(len(b) if isinstance(b, (bytes, bytearray)) else b.nbytes for b in bufs)
+        bufs = self.codec.encode(kind, meta, payload, sign_as_sent=True)
+        size = sum(buffer_size(b) for b in bufs)
         if self._pump is None and size <= self._DIRECT_LIMIT:
-            self._small.extend(bufs)
+            self._small.extend(finish_signature(bufs))
             if not defer:
                 self.flush_small()
             return
@@ -490,10 +525,18 @@ class FrameSender:
     async def _run_pump(self) -> None:
         try:
             while self._queue:
-                for buf in self._queue.popleft():
+                bufs = self._queue.popleft()
+                signature = bufs[-1] if isinstance(bufs[-1], Signature) else None
+                for i, buf in enumerate(bufs):
+                    if buf is signature:
+                        self.writer.write(signature.mac.digest())
+                        continue
                     view = memoryview(buf).cast("B")
-                    for start in range(0, len(view), _CHUNK):
-                        self.writer.write(view[start:start + _CHUNK])
+                    for start in range(0, len(view), _WRITE_CHUNK):
+                        chunk = view[start:start + _WRITE_CHUNK]
+                        if signature is not None and i > 0:  # the header is signed already
+                            signature.mac.update(chunk)
+                        self.writer.write(chunk)
                         await self.writer.drain()
         except Exception as exc:  # the stream broke; the reader side reports it
             self.error = exc

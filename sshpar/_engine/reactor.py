@@ -51,7 +51,8 @@ class Conn:
         self._small: list[Any] = []
         self._small_size = 0
         self.deferred_since = 0.0
-        self._out: collections.deque[memoryview] = collections.deque()
+        # (buffer, signature to feed it to as it is sent) or (None, signature): its MAC
+        self._out: collections.deque[tuple[memoryview | None, Any]] = collections.deque()
         self._writing = False
 
     def send(self, kind: _wire.Kind, meta: dict, payload: list | tuple = (), *,
@@ -59,16 +60,21 @@ class Conn:
         """Queue a frame; write it now unless ``defer`` (then at the next :meth:`flush`)."""
         if not self.open:
             return
-        for buf in self.codec.encode(kind, meta, payload):
-            size = len(buf) if isinstance(buf, (bytes, bytearray)) else buf.nbytes
-            if size < _SMALL:
-                if not self._small:
-                    self.deferred_since = time.monotonic()
-                self._small.append(buf)
-                self._small_size += size
-            else:
-                self._spill()
-                self._out.append(memoryview(buf).cast("B"))
+        bufs = self.codec.encode(kind, meta, payload, sign_as_sent=True)
+        signature = bufs[-1] if isinstance(bufs[-1], _wire.Signature) else None
+        if signature is None and len(bufs) == 1 and len(bufs[0]) < _SMALL:
+            if not self._small:
+                self.deferred_since = time.monotonic()
+            self._small.append(bufs[0])
+            self._small_size += len(bufs[0])
+        else:  # a large frame: sent from its own buffers, signed as they go
+            self._spill()
+            out = self._out
+            out.append((memoryview(bufs[0]), None))      # the header, signed already
+            for buf in bufs[1:-1] if signature is not None else bufs[1:]:
+                out.append((memoryview(buf).cast("B"), signature))
+            if signature is not None:
+                out.append((None, signature))
         if not defer or self._small_size >= _FLUSH_BYTES or self._out:
             self.flush()
 
@@ -78,7 +84,7 @@ class Conn:
 
     def _spill(self) -> None:
         if self._small:
-            self._out.append(memoryview(b"".join(self._small)))
+            self._out.append((memoryview(b"".join(self._small)), None))
             self._small = []
             self._small_size = 0
 
@@ -89,21 +95,33 @@ class Conn:
         self._spill()
         out = self._out
         while out:
+            first, signature = out[0]
+            if first is None:  # every byte of its frame is out: now its MAC
+                out[0] = (memoryview(signature.mac.digest()), None)
+                continue
+            batch = []
+            for view, _ in itertools.islice(out, _IOV_MAX):
+                if view is None:
+                    break
+                batch.append(view)
             try:
-                sent = (self.sock.send(out[0]) if len(out) == 1 else
-                        self.sock.sendmsg(list(itertools.islice(out, _IOV_MAX))))
+                sent = self.sock.send(first) if len(batch) == 1 else self.sock.sendmsg(batch)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 self.reactor.close(self, f"send failed: {exc}")
                 return
             while sent:
-                first = out[0]
-                if sent >= len(first):
-                    sent -= len(first)
+                view, signature = out[0]
+                assert view is not None
+                done = view if sent >= len(view) else view[:sent]
+                if signature is not None:
+                    signature.mac.update(done)
+                if done is view:
+                    sent -= len(view)
                     out.popleft()
                 else:
-                    out[0] = first[sent:]
+                    out[0] = (view[sent:], signature)
                     sent = 0
         self.reactor.want_write(self, bool(out))
 
@@ -112,8 +130,13 @@ class Conn:
         self._spill()
         try:
             self.sock.settimeout(timeout)
-            for buf in self._out:
-                self.sock.sendall(buf)
+            for view, signature in self._out:
+                if view is None:
+                    self.sock.sendall(signature.mac.digest())
+                    continue
+                if signature is not None:
+                    signature.mac.update(view)
+                self.sock.sendall(view)
         except OSError:
             pass
         self._out.clear()
