@@ -409,7 +409,7 @@ def _apply_next(cs: dict, cr: dict, sa: dict, ra: dict) -> str:
     excess = {k: cs.get(k, 0) - raw[k] for k in raw}
     worst = max(excess, key=lambda k: excess[k])
     where = {"client": "the client (serialising, the IO thread handoff, asyncssh framing)",
-             "engines": "the engine (its IO thread, task queue handoff and reply)",
+             "engines": "the engine (socket wake-ups, frame checks, the task and its reply)",
              "sshd": "sshd (more SSH packets or channel messages per call than the raw pipe)"}
     text = (f"the largest excess over the raw pipe is CPU in {where[worst]}: "
             f"{num(excess[worst])} µs per call more "
