@@ -20,7 +20,6 @@ contiguous bytes; a large one is signed as it streams, its arrays never copied.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import hashlib
 import hmac
@@ -449,7 +448,7 @@ async def client_handshake(reader: Reader, writer: Writer, key: bytes,
     """Client side of :func:`server_handshake`."""
     try:
         hello = await reader.readexactly(HELLO.size)
-    except asyncio.IncompleteReadError:
+    except EOFError:  # asyncio.IncompleteReadError (asyncio is not imported by engines)
         raise ProtocolError("the connection closed before the engine greeted (nothing "
                             "listening on its socket?)") from None
     magic, version, nonce_s = HELLO.unpack(hello)
@@ -462,7 +461,7 @@ async def client_handshake(reader: Reader, writer: Writer, key: bytes,
     await writer.drain()
     try:
         proof = await reader.readexactly(MAC_SIZE)
-    except asyncio.IncompleteReadError:
+    except EOFError:  # asyncio.IncompleteReadError (asyncio is not imported by engines)
         raise ProtocolError("the engine closed the connection during the handshake: it did "
                             "not accept this client's cluster key (a stale cluster file?)"
                             ) from None

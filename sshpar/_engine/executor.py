@@ -25,7 +25,9 @@ from .._markers import resolve_references
 OUTPUT_LIMIT = 8 << 20
 _TRUNCATED = "\n[sshpar: output truncated at {} bytes]\n"
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+#: The engine's own directory, as its code objects name it (bytecode in the bundle names
+#: files by their path in the bundle, not where the bundle lies).
+_HERE = os.path.dirname((lambda: None).__code__.co_filename)
 
 
 class TaskTimeout(Exception):

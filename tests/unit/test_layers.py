@@ -181,7 +181,9 @@ def test_bundle_holds_exactly_the_engine_modules_and_cloudpickle() -> None:
         names = zf.namelist()
         contents = {n: zf.read(n) for n in names}
     expected = expected_bundle_files()
-    assert sorted(names) == sorted(set(expected) | {"sshpar/__init__.py"})
+    modules = set(expected) | {"sshpar/__init__.py"}
+    bytecode = {n + "c" for n in modules if n != "__main__.py"}
+    assert sorted(names) == sorted(modules | bytecode)
     assert len(names) == len(set(names)), "duplicate entries"
     for name, data in expected.items():
         assert contents[name] == data, f"{name} differs from its source"
@@ -190,9 +192,14 @@ def test_bundle_holds_exactly_the_engine_modules_and_cloudpickle() -> None:
     assert not [n for n in ast.walk(init) if isinstance(n, (ast.Import, ast.ImportFrom))]
 
 
-def test_bundle_is_reproducible_and_named_by_its_hash() -> None:
+def test_bundle_is_reproducible_and_named_by_its_hash(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two builds from scratch (no cached bundle), in this busy test process.
+    monkeypatch.setenv("SSHPAR_HOME", str(tmp_path / "one"))
     first = build_bundle.__wrapped__()
+    monkeypatch.setenv("SSHPAR_HOME", str(tmp_path / "two"))
     second = build_bundle.__wrapped__()
+    assert (tmp_path / "two" / "cache").is_dir()  # and it was kept for the next client
     assert first.data == second.data
     assert first.digest == hashlib.sha256(first.data).hexdigest() == second.digest
     assert first.name == f"sshpar-{first.digest[:20]}.pyz"
@@ -205,7 +212,7 @@ def test_bundle_is_reproducible_and_named_by_its_hash() -> None:
 def test_bundle_is_the_same_built_by_another_process(tmp_path: Path) -> None:
     # A fresh interpreter with another hash seed, another cwd and fresh mtimes on nothing.
     code = "from sshpar._bootstrap import build_bundle; print(build_bundle().digest)"
-    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "SSHPAR_HOME": str(tmp_path / "home")}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=True)
     assert out.stdout.strip() == build_bundle().digest
@@ -264,6 +271,8 @@ def test_bundle_imports_without_any_installed_package(bundle_file: Path) -> None
     assert "sshpar.client" not in mods and "sshpar._render" not in mods
     outside = {n: f for n, f in mods.items() if f and not f.startswith(str(bundle_file))}
     assert not outside, f"loaded from outside the bundle: {outside}"
+    # from the bytecode shipped beside each module, not compiled at every start
+    assert all(f.endswith(".pyc") for f in mods.values() if f), mods
 
 
 # -- layering of the client side --------------------------------------------------------------
