@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("sshpar.channel")
 
 CONTROL_TIMEOUT = 10.0
+#: Tasks up to BATCH_ITEM bytes travel in batch frames of up to BATCH_TASKS / BATCH_BYTES.
+BATCH_ITEM = 16 * 1024
+BATCH_TASKS = 256
+BATCH_BYTES = 256 * 1024
 #: Results are acknowledged at most this late (seconds), or once this many are waiting.
 ACK_DELAY = 0.05
 ACK_BATCH = 1024
@@ -138,6 +142,7 @@ class EngineChannel:
             else:  # never arrived: it has not run, so sending it again runs it once
                 meta, payload = rec.request
                 self._send_task(rec, meta, payload)
+        self._flush_sender()
 
     # -- submitting (any thread) ------------------------------------------------------------
     def sources_for(self, files: set[str] | frozenset[str]) -> dict[str, str]:
@@ -165,28 +170,57 @@ class EngineChannel:
             self.loop.call_soon_threadsafe(self._flush_outbox)
 
     def _flush_outbox(self) -> None:
+        """Send what the caller threads queued: small tasks in batch frames (one header,
+        MAC and envelope for many), a large one in a frame of its own, in order."""
         self._wakeup = False
+        batch: list[tuple[dict, list]] = []
+        size = 0
         while self._outbox:
             rec, meta, payload = self._outbox.popleft()
             if self.state == "suspended":  # sent once the host is back (or failed if not)
                 rec.request = (meta, payload)
                 self.pending[rec.msg_id] = rec
-            elif self.state != "running":
+                continue
+            if self.state != "running":
                 rec.fail(self.error(f"is {self.state}"), time.time())
-            else:
-                self._send_task(rec, meta, payload, defer=True)
+                continue
+            rec.request = (meta, payload)
+            self.pending[rec.msg_id] = rec
+            n = sum(_wire.buffer_size(b) for b in payload)
+            if n > BATCH_ITEM:
+                self._send_frame(*self._batched(batch))
+                batch, size = [], 0
+                self._send_frame(meta, payload)
+                continue
+            batch.append((meta, payload))
+            size += n
+            if len(batch) >= BATCH_TASKS or size >= BATCH_BYTES:
+                self._send_frame(*self._batched(batch))
+                batch, size = [], 0
+        self._send_frame(*self._batched(batch))
         self._flush_sender()
 
-    def _send_task(self, rec: TaskRecord, meta: dict, payload: list, *,
-                   defer: bool = False) -> None:
+    @staticmethod
+    def _batched(batch: list[tuple[dict, list]]) -> tuple[dict | None, list]:
+        if len(batch) > 1:
+            return _wire.join_batch(batch)
+        return batch[0] if batch else (None, [])
+
+    def _send_task(self, rec: TaskRecord, meta: dict, payload: list) -> None:
         rec.request = (meta, payload)
         self.pending[rec.msg_id] = rec
+        self._send_frame(meta, payload)
+
+    def _send_frame(self, meta: dict | None, payload: list) -> None:
+        """One TASK frame (deferred: written by _flush_sender), acknowledgements riding on it."""
+        if meta is None:
+            return
         if self._acks:  # acknowledgements ride along with work, saving a frame
             meta = dict(meta, ack=self._acks)
             self._acks = []
         assert self._sender is not None
         try:
-            self._sender.send(_wire.Kind.TASK, meta, payload, defer=defer)
+            self._sender.send(_wire.Kind.TASK, meta, payload, defer=True)
         except Exception as exc:  # noqa: BLE001 - the reader notices the broken stream
             log.info("%s: send failed (%s); kept for resending", self.info, exc)
 
@@ -300,17 +334,11 @@ class EngineChannel:
     def _receive(self, frame: _wire.Frame) -> None:
         kind, meta = frame.kind, frame.meta
         if kind is _wire.Kind.RESULT:
-            msg_id = meta["msg_id"]
-            rec = self.pending.pop(msg_id, None)
-            # Results stay on the engine until acknowledged; acks are batched (or ride on
-            # the next task), since each frame costs a packet or two over SSH.
-            if self._ack_timer is None:  # one timer at a time, not one per result
-                self._ack_timer = self.loop.call_later(ACK_DELAY, self._send_acks)
-            self._acks.append(msg_id)
-            if len(self._acks) >= ACK_BATCH:
-                self._send_acks()
-            if rec is not None:
-                rec.finish(meta, frame.payload, time.time(), self.clock_offset)
+            if "batch" in meta:
+                for m, p in _wire.split_batch(meta, frame.payload):
+                    self._result(m, p)
+            else:
+                self._result(meta, frame.payload)
         elif kind is _wire.Kind.OUTPUT:
             rec = self.pending.get(meta["msg_id"])
             if rec is not None:
@@ -321,6 +349,19 @@ class EngineChannel:
                 fut.set_result(meta)
         else:
             raise ProtocolError(f"unexpected {kind.name} frame from an engine")
+
+    def _result(self, meta: dict, payload: list) -> None:
+        msg_id = meta["msg_id"]
+        rec = self.pending.pop(msg_id, None)
+        # Results stay on the engine until acknowledged; acks are batched (or ride on
+        # the next task), since each frame costs a packet or two over SSH.
+        if self._ack_timer is None:  # one timer at a time, not one per result
+            self._ack_timer = self.loop.call_later(ACK_DELAY, self._send_acks)
+        self._acks.append(msg_id)
+        if len(self._acks) >= ACK_BATCH:
+            self._send_acks()
+        if rec is not None:
+            rec.finish(meta, payload, time.time(), self.clock_offset)
 
     # -- states -----------------------------------------------------------------------------
     def error(self, what: str) -> EngineError:

@@ -128,6 +128,34 @@ def buffer_size(buf: Any) -> int:
     return MAC_SIZE if isinstance(buf, Signature) else memoryview(buf).nbytes
 
 
+def join_batch(items: Sequence[tuple[dict, Sequence[Any]]]) -> tuple[dict, list]:
+    """Several (meta, payload) pairs as one frame's: one header, one MAC, one envelope for a
+    burst of small tasks or results."""
+    metas: list[dict] = []
+    counts: list[int] = []
+    payload: list[Any] = []
+    for meta, segments in items:
+        metas.append(meta)
+        counts.append(len(segments))
+        payload.extend(segments)
+    return {"batch": metas, "segs": counts}, payload
+
+
+def split_batch(meta: dict, payload: list) -> list[tuple[dict, list]]:
+    """The (meta, payload) pairs of a batch frame; ProtocolError if it does not add up."""
+    metas, counts = meta.get("batch"), meta.get("segs")
+    if not (isinstance(metas, list) and isinstance(counts, list) and len(metas) == len(counts)
+            and all(isinstance(m, dict) for m in metas)
+            and all(type(c) is int and c >= 0 for c in counts)
+            and sum(counts) == len(payload)):
+        raise ProtocolError("malformed batch frame")
+    out, at = [], 0
+    for m, c in zip(metas, counts):
+        out.append((m, payload[at:at + c]))
+        at += c
+    return out
+
+
 class Frame:
     """One received frame: its kind, envelope and payload segments."""
 

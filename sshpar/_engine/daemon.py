@@ -240,7 +240,7 @@ class Daemon:
 
     def _send_result(self, task: Task, conn: Conn | None) -> None:
         if conn is not None and conn.open:
-            conn.send(_wire.Kind.RESULT, task.result_meta(), task.result, defer=True)
+            conn.send_result(task.result_meta(), task.result)
 
     def _arm_idle(self) -> None:
         self._idle_deadline = None
@@ -293,22 +293,29 @@ class Daemon:
     def _dispatch(self, frame: _wire.Frame, conn: Conn) -> None:
         meta = frame.meta
         if frame.kind is _wire.Kind.TASK:
-            msg_id = meta.get("msg_id")
-            if not isinstance(msg_id, str) or not frame.payload:
-                raise ProtocolError("TASK frame without a msg_id or payload")
             acks = meta.get("ack", [])
-            if not isinstance(acks, list):
+            if not isinstance(acks, list) or not all(isinstance(a, str) for a in acks):
                 raise ProtocolError("TASK frame with malformed acks")
             for acked in acks:
                 self.results.pop(acked, None)
-            task = Task(msg_id, meta, frame.payload, conn, _ignore)
-            task.queued_at = time.time()
-            self.queued[msg_id] = task
-            self.ready.append(task)
+            if "batch" in meta:
+                for task_meta, payload in _wire.split_batch(meta, frame.payload):
+                    self._queue_task(task_meta, payload, conn)
+            else:
+                self._queue_task(meta, frame.payload, conn)
         elif frame.kind is _wire.Kind.CONTROL:
             self._control(meta, conn)
         else:
             raise ProtocolError(f"unexpected {frame.kind.name} frame from a client")
+
+    def _queue_task(self, meta: dict, payload: list, conn: Conn) -> None:
+        msg_id = meta.get("msg_id")
+        if not isinstance(msg_id, str) or not payload:
+            raise ProtocolError("TASK without a msg_id or payload")
+        task = Task(msg_id, meta, payload, conn, _ignore)
+        task.queued_at = time.time()
+        self.queued[msg_id] = task
+        self.ready.append(task)
 
     def _control(self, meta: dict, conn: Conn) -> None:
         op = meta.get("op")

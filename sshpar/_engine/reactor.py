@@ -33,6 +33,8 @@ HANDSHAKE_TIMEOUT = 10.0
 _SMALL = 64 * 1024
 #: Deferred small frames are written once this many bytes wait (or at the next flush).
 _FLUSH_BYTES = 256 * 1024
+#: Results up to this size are batched (several results in one frame).
+_BATCH_ITEM = 16 * 1024
 _RECV = 1 << 18
 #: How much one connection may read per poll before the others get a turn.
 _READ_BUDGET = 16 << 20
@@ -50,20 +52,49 @@ class Conn:
         self.open = True
         self._small: list[Any] = []
         self._small_size = 0
+        self._results: list[tuple[dict, list]] = []  # small results, sent as one batch frame
         self.deferred_since = 0.0
         # (buffer, signature to feed it to as it is sent) or (None, signature): its MAC
         self._out: collections.deque[tuple[memoryview | None, Any]] = collections.deque()
         self._writing = False
+
+    def send_result(self, meta: dict, payload: list) -> None:
+        """Queue a result; small ones wait to go out together in one batch frame (at the next
+        flush or frame), so a burst of tiny tasks costs one header and MAC, not one each."""
+        if not self.open:
+            return
+        size = sum(_wire.buffer_size(b) for b in payload)
+        if size > _BATCH_ITEM:
+            self.send(_wire.Kind.RESULT, meta, payload, defer=True)
+            return
+        if not self._small and not self._results:
+            self.deferred_since = time.monotonic()
+        self._results.append((meta, payload))
+        self._small_size += size + 256
+        if self._small_size >= _FLUSH_BYTES:
+            self.flush()
+
+    def _spill_results(self) -> None:
+        if self._results:
+            results, self._results = self._results, []
+            meta, payload = (results[0] if len(results) == 1 else _wire.join_batch(results))
+            self._encode(_wire.Kind.RESULT, meta, payload)
 
     def send(self, kind: _wire.Kind, meta: dict, payload: list | tuple = (), *,
              defer: bool = False) -> None:
         """Queue a frame; write it now unless ``defer`` (then at the next :meth:`flush`)."""
         if not self.open:
             return
+        self._spill_results()  # frames keep their order
+        self._encode(kind, meta, payload)
+        if not defer or self._small_size >= _FLUSH_BYTES or self._out:
+            self.flush()
+
+    def _encode(self, kind: _wire.Kind, meta: dict, payload: list | tuple) -> None:
         bufs = self.codec.encode(kind, meta, payload, sign_as_sent=True)
         signature = bufs[-1] if isinstance(bufs[-1], _wire.Signature) else None
         if signature is None and len(bufs) == 1 and len(bufs[0]) < _SMALL:
-            if not self._small:
+            if not self._small and not self._results:
                 self.deferred_since = time.monotonic()
             self._small.append(bufs[0])
             self._small_size += len(bufs[0])
@@ -75,14 +106,13 @@ class Conn:
                 out.append((memoryview(buf).cast("B"), signature))
             if signature is not None:
                 out.append((None, signature))
-        if not defer or self._small_size >= _FLUSH_BYTES or self._out:
-            self.flush()
 
     @property
     def deferred(self) -> bool:
-        return bool(self._small)
+        return bool(self._small or self._results)
 
     def _spill(self) -> None:
+        self._spill_results()
         if self._small:
             self._out.append((memoryview(b"".join(self._small)), None))
             self._small = []

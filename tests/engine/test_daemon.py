@@ -69,6 +69,7 @@ class EngineClient:
         self.codec = codec
         self.hello = hello
         self.pending: list[Frame] = []
+        self._unbatched: list[Frame] = []
 
     @classmethod
     async def connect(cls, engine: Engine, key: bytes | None = None) -> EngineClient:
@@ -102,6 +103,16 @@ class EngineClient:
         return msg_id
 
     async def read(self) -> Frame:
+        """The next frame; a batch of results comes out one result at a time."""
+        if not self._unbatched:
+            frame = await self.read_frame()
+            if not (frame.kind is Kind.RESULT and "batch" in frame.meta):
+                return frame
+            self._unbatched = [Frame(Kind.RESULT, m, p)
+                               for m, p in _wire.split_batch(frame.meta, frame.payload)]
+        return self._unbatched.pop(0)
+
+    async def read_frame(self) -> Frame:
         return await asyncio.wait_for(self.codec.read(self.reader), WAIT)
 
     async def result(self, msg_id: str) -> tuple[dict, Any, list[Frame]]:
@@ -290,6 +301,32 @@ def test_tasks_run_in_the_order_sent(engine: Engine) -> None:
     sent, received, order = run(scenario)
     assert received == sent
     assert order == list(range(20))
+
+
+def test_a_batch_frame_of_tasks_runs_each_in_order(engine: Engine) -> None:
+    name = f"batch_{uuid.uuid4().hex[:8]}"
+
+    async def scenario() -> tuple[list[str], list[str], list[int]]:
+        c = await EngineClient.connect(engine)
+        try:
+            await c.call(ops.push, {name: []})
+            items = [({"msg_id": f"b{i}"},
+                      _serialize.dumps_call(ops.execute, (f"{name}.append({i})",), {},
+                                            what="execute", code_files=set()))
+                     for i in range(50)]
+            await c.send(Kind.TASK, *_wire.join_batch(items))
+            received: list[str] = []
+            while len(received) < len(items):  # results come one per frame or batched
+                frame = await c.read()
+                assert frame.kind is Kind.RESULT and frame.meta["status"] == "ok", frame.meta
+                received.append(frame.meta["msg_id"])
+            return [m["msg_id"] for m, _ in items], received, await c.call(ops.pull, name)
+        finally:
+            await c.close()
+
+    sent, received, order = run(scenario)
+    assert received == sent
+    assert order == list(range(50))
 
 
 def test_task_output_is_streamed_and_kept_in_the_result(engine: Engine) -> None:
@@ -611,6 +648,14 @@ async def _attack_task_without_msg_id(attacker: EngineClient, engine: Engine,
     await attacker.send(Kind.TASK, {"op": "apply"}, _counter_task(name))
 
 
+async def _attack_batch_that_does_not_add_up(attacker: EngineClient, engine: Engine,
+                                             name: str) -> None:
+    # Two tasks announced, segments for one: the whole frame is refused, nothing runs.
+    payload = _counter_task(name)
+    await attacker.send(Kind.TASK, {"batch": [{"msg_id": "a"}, {"msg_id": "b"}],
+                                    "segs": [len(payload), len(payload)]}, payload)
+
+
 #: attack -> (coroutine, times its task must have run, why the engine's log says it hung up)
 ATTACKS: dict[str, tuple[Callable[..., Awaitable[None]], int, str | None]] = {
     "garbage": (_attack_garbage, 0, "bad frame magic"),
@@ -621,6 +666,7 @@ ATTACKS: dict[str, tuple[Callable[..., Awaitable[None]], int, str | None]] = {
     "cross-connection-replay": (_attack_cross_connection, 1, "does not verify"),
     "result-from-client": (_attack_result_from_client, 0, "unexpected RESULT frame"),
     "task-without-msg-id": (_attack_task_without_msg_id, 0, "msg_id"),
+    "malformed-batch": (_attack_batch_that_does_not_add_up, 0, "malformed batch frame"),
 }
 _ATTACK_PARAMS = list(ATTACKS)
 
