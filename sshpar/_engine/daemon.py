@@ -102,6 +102,7 @@ class Daemon:
                 else:
                     reactor.flush_due(0)
                     reactor.poll(self._wait_time())
+                    polled = time.monotonic()  # what just came in needs no second look
                     self._check_idle()
         finally:
             self._exit(0)
