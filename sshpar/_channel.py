@@ -65,6 +65,7 @@ class EngineChannel:
         self._stream: object | None = None               # identifies the current stream
         self._closed: asyncio.Future | None = None       # done when that stream ends
         self._sent_sources: dict[str, tuple[list[str], int]] = {}
+        self._sent_functions: set[bytes] = set()   # digests the engine keeps (this stream)
         self.loop = asyncio.get_running_loop()
 
     @property
@@ -108,6 +109,7 @@ class EngineChannel:
         self.clock_offset = hello.meta["time"] - (sent + now) / 2
         self._sender = _wire.FrameSender(codec, writer)
         self._sent_sources.clear()
+        self._sent_functions.clear()
         self.state = "running"
         self.responsive = True
         self.last_seen = time.monotonic()
@@ -186,6 +188,7 @@ class EngineChannel:
                 continue
             rec.request = (meta, payload)
             self.pending[rec.msg_id] = rec
+            meta, payload = self._compact(meta, payload)
             n = sum(_wire.buffer_size(b) for b in payload)
             if n > BATCH_ITEM:
                 self._send_frame(*self._batched(batch))
@@ -209,7 +212,20 @@ class EngineChannel:
     def _send_task(self, rec: TaskRecord, meta: dict, payload: list) -> None:
         rec.request = (meta, payload)
         self.pending[rec.msg_id] = rec
-        self._send_frame(meta, payload)
+        self._send_frame(*self._compact(meta, payload))
+
+    def _compact(self, meta: dict, payload: list) -> tuple[dict, list]:
+        """Send a function once per stream: after the first time, by its digest."""
+        f = payload[0] if payload else b""
+        if not (_wire.FUNCTION_REF_MIN <= _wire.buffer_size(f) <= _wire.FUNCTION_KEEP_MAX):
+            return meta, payload
+        digest = _wire.function_digest(f)
+        if digest in self._sent_functions:
+            return dict(meta, fn=digest), [b"", *payload[1:]]
+        if len(self._sent_functions) < _wire.FUNCTIONS_KEPT:
+            self._sent_functions.add(digest)
+            return dict(meta, fn_keep=digest), payload
+        return meta, payload
 
     def _send_frame(self, meta: dict | None, payload: list) -> None:
         """One TASK frame (deferred: written by _flush_sender), acknowledgements riding on it."""

@@ -128,6 +128,18 @@ def buffer_size(buf: Any) -> int:
     return MAC_SIZE if isinstance(buf, Signature) else memoryview(buf).nbytes
 
 
+#: A task's function (its first payload segment) travels once per connection: the first task
+#: sends it with ``fn_keep`` (its digest), later ones send ``fn`` and an empty segment. Only
+#: pickles of this size range are kept, and at most FUNCTIONS_KEPT per connection.
+FUNCTION_REF_MIN = 64
+FUNCTION_KEEP_MAX = 64 * 1024
+FUNCTIONS_KEPT = 512
+
+
+def function_digest(data: Any) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
 def join_batch(items: Sequence[tuple[dict, Sequence[Any]]]) -> tuple[dict, list]:
     """Several (meta, payload) pairs as one frame's: one header, one MAC, one envelope for a
     burst of small tasks or results."""

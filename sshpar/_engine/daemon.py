@@ -313,6 +313,16 @@ class Daemon:
         msg_id = meta.get("msg_id")
         if not isinstance(msg_id, str) or not payload:
             raise ProtocolError("TASK without a msg_id or payload")
+        ref, keep = meta.get("fn"), meta.get("fn_keep")
+        if ref is not None:  # a function sent earlier on this stream
+            if not isinstance(ref, bytes) or ref not in conn.functions:
+                raise ProtocolError("TASK refers to a function never sent on this connection")
+            payload = [conn.functions[ref], *payload[1:]]
+        elif keep is not None:
+            if (not isinstance(keep, bytes) or len(conn.functions) >= _wire.FUNCTIONS_KEPT
+                    or _wire.function_digest(payload[0]) != keep):
+                raise ProtocolError("TASK with a malformed fn_keep")
+            conn.functions[keep] = payload[0]
         task = Task(msg_id, meta, payload, conn, _ignore)
         task.queued_at = time.time()
         self.queued[msg_id] = task

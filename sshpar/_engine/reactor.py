@@ -53,6 +53,7 @@ class Conn:
         self._small: list[Any] = []
         self._small_size = 0
         self._results: list[tuple[dict, list]] = []  # small results, sent as one batch frame
+        self.functions: dict[bytes, Any] = {}  # digest -> function pickle sent on this stream
         self.deferred_since = 0.0
         # (buffer, signature to feed it to as it is sent) or (None, signature): its MAC
         self._out: collections.deque[tuple[memoryview | None, Any]] = collections.deque()

@@ -329,6 +329,37 @@ def test_a_batch_frame_of_tasks_runs_each_in_order(engine: Engine) -> None:
     assert order == list(range(50))
 
 
+def test_a_function_sent_once_is_referred_to_by_its_digest_on_that_connection(
+        engine: Engine) -> None:
+    name = f"fn_{uuid.uuid4().hex[:8]}"
+
+    def task(i: int) -> list:
+        return _serialize.dumps_call(ops.execute, (f"{name}.append({i})",), {},
+                                     what="execute", code_files=set())
+
+    async def scenario() -> tuple[list[str], list[int]]:
+        c = await EngineClient.connect(engine)
+        try:
+            await c.call(ops.push, {name: []})
+            first = task(0)
+            digest = _wire.function_digest(first[0])
+            statuses = []
+            await c.send(Kind.TASK, {"msg_id": "k0", "fn_keep": digest}, first)
+            for i in (1, 2):
+                await c.send(Kind.TASK, {"msg_id": f"k{i}", "fn": digest},
+                             [b"", *task(i)[1:]])
+            for i in range(3):
+                meta, _, _ = await c.result(f"k{i}")
+                statuses.append(meta["status"])
+            return statuses, await c.call(ops.pull, name)
+        finally:
+            await c.close()
+
+    statuses, ran = run(scenario)
+    assert statuses == ["ok"] * 3
+    assert ran == [0, 1, 2]
+
+
 def test_task_output_is_streamed_and_kept_in_the_result(engine: Engine) -> None:
     chatty = main_function("""
         def chatty(n):
@@ -656,6 +687,13 @@ async def _attack_batch_that_does_not_add_up(attacker: EngineClient, engine: Eng
                                     "segs": [len(payload), len(payload)]}, payload)
 
 
+async def _attack_unknown_function_reference(attacker: EngineClient, engine: Engine,
+                                             name: str) -> None:
+    payload = _counter_task(name)
+    await attacker.send(Kind.TASK, {"msg_id": "r", "fn": _wire.function_digest(payload[0])},
+                        [b"", *payload[1:]])
+
+
 #: attack -> (coroutine, times its task must have run, why the engine's log says it hung up)
 ATTACKS: dict[str, tuple[Callable[..., Awaitable[None]], int, str | None]] = {
     "garbage": (_attack_garbage, 0, "bad frame magic"),
@@ -667,6 +705,7 @@ ATTACKS: dict[str, tuple[Callable[..., Awaitable[None]], int, str | None]] = {
     "result-from-client": (_attack_result_from_client, 0, "unexpected RESULT frame"),
     "task-without-msg-id": (_attack_task_without_msg_id, 0, "msg_id"),
     "malformed-batch": (_attack_batch_that_does_not_add_up, 0, "malformed batch frame"),
+    "unknown-function": (_attack_unknown_function_reference, 0, "never sent on this connection"),
 }
 _ATTACK_PARAMS = list(ATTACKS)
 
