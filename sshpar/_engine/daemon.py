@@ -389,18 +389,20 @@ class Daemon:
 
 
 def main() -> None:
-    """Entry point of one engine process, spawned by the launcher.
-
-    stdin carries one JSON line (config and key, never argv or environment); fd ``ready_fd``
-    receives one JSON line once the socket is bound.
-    """
-    os.umask(0o077)
-    line = sys.stdin.buffer.readline()
-    conf = json.loads(line)
-    key = bytes.fromhex(conf.pop("key"))
+    """Entry point of an engine run as its own process (``bundle.pyz engine``): stdin carries
+    one JSON line (config and key, never argv or environment)."""
+    conf = json.loads(sys.stdin.buffer.readline())
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
+    run(conf)
+
+
+def run(conf: dict) -> None:
+    """Bind the engine's socket and serve until told to exit (never returns). The nanny calls
+    this in a forked child; fd ``ready_fd`` receives one JSON line once the socket is bound."""
+    os.umask(0o077)
+    key = bytes.fromhex(conf.pop("key"))
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s engine[%(process)d] %(levelname)s %(message)s")
     path = conf["socket"]

@@ -6,7 +6,8 @@ Protocol with the client (over the SSH exec channel): argv carries nothing secre
 carries one JSON line (cluster key, engine count, settings); stdout gets one line
 ``SSHPAR-READY <json>`` once every engine has bound its socket, or ``SSHPAR-ERROR <json>``.
 Engines detach into their own session with stdio on log files, so they outlive this SSH
-session and nothing they print can block.
+session and nothing they print can block. Nannies are forked from the launcher, engines from
+their nanny: one interpreter start per host, not two per engine.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ import os
 import select
 import signal
 import socket
-import subprocess
 import sys
 import time
+import traceback
 import uuid
 from typing import Any
 
 READY_TIMEOUT = 30.0
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
+_MAX_FD = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1024
 
 
 def fail(kind: str, message: str, **extra: Any) -> None:
@@ -62,17 +64,19 @@ def main(argv: list[str]) -> None:
     run_dir = runtime_dir(workdir, conf["cluster"])
     log_dir = private_dir(os.path.join(workdir, "logs"))
     count = conf.get("engines") or _cpus()
-    bundle = os.path.abspath(sys.argv[0])
-    started = [spawn(conf, bundle, run_dir, log_dir) for _ in range(int(count))]
+    # The engine's modules, imported once here: every nanny and engine is a fork of this.
+    from . import daemon, nanny  # noqa: F401
+
+    started = [spawn(nanny.run, conf, run_dir, log_dir) for _ in range(int(count))]
     deadline = time.monotonic() + READY_TIMEOUT
     try:
-        engines = [wait_ready(proc, r, uid, sock, log, deadline)
-                   for proc, r, uid, sock, log in started]
+        engines = [wait_ready(pid, r, uid, sock, log, deadline)
+                   for pid, r, uid, sock, log in started]
     except StartFailed as exc:
         # Leave nothing behind: stop every engine of this launch, started or not.
-        for proc, *_ in started:
+        for pid, *_ in started:
             try:
-                os.killpg(proc.pid, signal.SIGTERM)
+                os.killpg(pid, signal.SIGTERM)
             except OSError:
                 pass
         fail(exc.kind, exc.message, log=exc.log)
@@ -87,19 +91,13 @@ def main(argv: list[str]) -> None:
     sys.stdout.flush()
 
 
-def spawn(conf: dict, bundle: str, run_dir: str, log_dir: str) -> tuple:
-    """Start one engine under its nanny, detached in a session of its own."""
+def spawn(run_nanny: Any, conf: dict, run_dir: str, log_dir: str) -> tuple:
+    """Fork one nanny (which forks its engine), detached in a session of its own with stdio on
+    the engine's log; it holds only the write end of the readiness pipe."""
     engine_uuid = uuid.uuid4().hex[:16]
     sock = os.path.join(run_dir, f"{engine_uuid}.sock")
     log_path = os.path.join(log_dir, f"engine-{engine_uuid}.log")
     r, w = os.pipe()
-    with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(
-            [sys.executable, "-S", bundle, "nanny"],  # -S: the nanny needs only the stdlib
-            stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT,
-            pass_fds=(w,), start_new_session=True, close_fds=True,
-        )
-    os.close(w)
     nanny_conf = {
         "uuid": engine_uuid,
         "socket": sock,
@@ -110,15 +108,33 @@ def spawn(conf: dict, bundle: str, run_dir: str, log_dir: str) -> tuple:
         "restart_limit": conf.get("restart_limit", 0),
         "ready_fd": w,
         "log": log_path,
-        "bundle": bundle,
     }
-    assert proc.stdin is not None
-    proc.stdin.write((json.dumps(nanny_conf) + "\n").encode())
-    proc.stdin.close()
-    return proc, r, engine_uuid, sock, log_path
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the nanny: off the SSH session's stdio and process group
+        code = 1
+        try:
+            os.setsid()
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.dup2(log_fd, 1)
+            os.dup2(log_fd, 2)
+            os.closerange(3, w)
+            os.closerange(w + 1, _MAX_FD)
+            run_nanny(nanny_conf)
+            code = 0
+        except BaseException:  # noqa: BLE001 - into the log, then a failure status
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(w)
+    os.close(log_fd)
+    return pid, r, engine_uuid, sock, log_path
 
 
-def wait_ready(proc: subprocess.Popen, r: int, engine_uuid: str, sock: str,
+def wait_ready(nanny_pid: int, r: int, engine_uuid: str, sock: str,
                log_path: str, deadline: float) -> dict:
     data = b""
     while not data.endswith(b"\n"):
@@ -134,7 +150,7 @@ def wait_ready(proc: subprocess.Popen, r: int, engine_uuid: str, sock: str,
             data += chunk
     os.close(r)
     info = json.loads(data)
-    return {"uuid": engine_uuid, "pid": info["pid"], "nanny": proc.pid, "socket": sock,
+    return {"uuid": engine_uuid, "pid": info["pid"], "nanny": nanny_pid, "socket": sock,
             "log": log_path, "started": info.get("started")}
 
 
