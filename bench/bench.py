@@ -101,7 +101,7 @@ def plans(quick: bool) -> dict[str, Plan]:
         "start4": Plan(2, {"engines": 2}, 180, warm_reps=3),
         "apply": Plan(1, {"calls": 2000, "warmup": 200, "profile_calls": 1000}, 300),
         "tiny": Plan(1, {"tasks": 20_000, "profile_tasks": 5000, "budget": 60}, 300),
-        "bulk": Plan(3, {"nbytes": 64 << 20}, 180),
+        "bulk": Plan(5, {"nbytes": 64 << 20}, 180),
         "map": Plan(1, {"items": 100_000, "rounds": 3}, 300),
     }
 

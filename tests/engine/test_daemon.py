@@ -275,46 +275,25 @@ def test_simple_call_returns_its_value_and_metadata(engine: Engine) -> None:
     assert (meta["stdout"], meta["stderr"], outputs) == ("", "", [])
 
 
-def test_tasks_run_in_the_order_sent(engine: Engine) -> None:
+def _append_task(name: str, i: int) -> list:
+    return _serialize.dumps_call(ops.execute, (f"{name}.append({i})",), {}, what="execute",
+                                 code_files=set())
+
+
+@pytest.mark.parametrize("framing", ["a frame each", "one batch frame"])
+def test_tasks_run_in_the_order_sent(engine: Engine, framing: str) -> None:
     name = f"order_{uuid.uuid4().hex[:8]}"
 
     async def scenario() -> tuple[list[str], list[str], list[int]]:
         c = await EngineClient.connect(engine)
         try:
             await c.call(ops.push, {name: []})
-            sent = []
-            for i in range(20):  # all queued before the first result is read
-                msg_id = uuid.uuid4().hex
-                sent.append(msg_id)
-                await c.send(Kind.TASK, {"msg_id": msg_id},
-                             _serialize.dumps_call(ops.execute, (f"{name}.append({i})",), {},
-                                                  what="execute", code_files=set()))
-            received: list[str] = []
-            while len(received) < len(sent):
-                frame = await c.read()
-                assert frame.kind is Kind.RESULT and frame.meta["status"] == "ok", frame.meta
-                received.append(frame.meta["msg_id"])
-            return sent, received, await c.call(ops.pull, name)
-        finally:
-            await c.close()
-
-    sent, received, order = run(scenario)
-    assert received == sent
-    assert order == list(range(20))
-
-
-def test_a_batch_frame_of_tasks_runs_each_in_order(engine: Engine) -> None:
-    name = f"batch_{uuid.uuid4().hex[:8]}"
-
-    async def scenario() -> tuple[list[str], list[str], list[int]]:
-        c = await EngineClient.connect(engine)
-        try:
-            await c.call(ops.push, {name: []})
-            items = [({"msg_id": f"b{i}"},
-                      _serialize.dumps_call(ops.execute, (f"{name}.append({i})",), {},
-                                            what="execute", code_files=set()))
-                     for i in range(50)]
-            await c.send(Kind.TASK, *_wire.join_batch(items))
+            items = [({"msg_id": uuid.uuid4().hex}, _append_task(name, i)) for i in range(20)]
+            if framing == "one batch frame":
+                await c.send(Kind.TASK, *_wire.join_batch(items))
+            else:
+                for meta, payload in items:  # all queued before the first result is read
+                    await c.send(Kind.TASK, meta, payload)
             received: list[str] = []
             while len(received) < len(items):  # results come one per frame or batched
                 frame = await c.read()
@@ -326,28 +305,24 @@ def test_a_batch_frame_of_tasks_runs_each_in_order(engine: Engine) -> None:
 
     sent, received, order = run(scenario)
     assert received == sent
-    assert order == list(range(50))
+    assert order == list(range(20))
 
 
 def test_a_function_sent_once_is_referred_to_by_its_digest_on_that_connection(
         engine: Engine) -> None:
     name = f"fn_{uuid.uuid4().hex[:8]}"
 
-    def task(i: int) -> list:
-        return _serialize.dumps_call(ops.execute, (f"{name}.append({i})",), {},
-                                     what="execute", code_files=set())
-
     async def scenario() -> tuple[list[str], list[int]]:
         c = await EngineClient.connect(engine)
         try:
             await c.call(ops.push, {name: []})
-            first = task(0)
+            first = _append_task(name, 0)
             digest = _wire.function_digest(first[0])
             statuses = []
             await c.send(Kind.TASK, {"msg_id": "k0", "fn_keep": digest}, first)
             for i in (1, 2):
                 await c.send(Kind.TASK, {"msg_id": f"k{i}", "fn": digest},
-                             [b"", *task(i)[1:]])
+                             [b"", *_append_task(name, i)[1:]])
             for i in range(3):
                 meta, _, _ = await c.result(f"k{i}")
                 statuses.append(meta["status"])
