@@ -171,6 +171,9 @@ def _cols_apply(f: dict) -> list[str]:
     if "asyncssh_p50_ms" in f:
         extra = (f"plain asyncssh: p50 {num(f['asyncssh_p50_ms'])}, p99 "
                  f"{num(f['asyncssh_p99_ms'])}")
+    if "iothread_p50_ms" in f:
+        extra += (f"; an asyncio IO thread to a local echo process (no SSH): p50 "
+                  f"{num(f['iothread_p50_ms'])}, p99 {num(f['iothread_p99_ms'])}")
     return [num(f.get("p50_ms")), num(f.get("p90_ms")), num(f.get("p99_ms")),
             num(f.get("mean_ms")), _cpu(f.get("cpu_us_per_call")), extra]
 
@@ -336,7 +339,10 @@ def analysis(results: Results, checks: list[tuple[Target, dict]]) -> list[str]:
                 f"ms; the raw OpenSSH pipe {num(ra.get('p50_ms'))} / {num(ra.get('p99_ms'))} ms; "
                 f"plain asyncssh (same connection set-up as sshpar) "
                 f"{num(ra.get('asyncssh_p50_ms'))} / {num(ra.get('asyncssh_p99_ms'))} ms; "
-                f"sshpar local transport {num(la.get('p50_ms'))} / {num(la.get('p99_ms'))} ms.",
+                f"sshpar local transport {num(la.get('p50_ms'))} / {num(la.get('p99_ms'))} ms; "
+                f"the floor of any client that hands calls to an asyncio IO thread (to a "
+                f"local echo process, no SSH, nothing else) {num(ra.get('iothread_p50_ms'))} / "
+                f"{num(ra.get('iothread_p99_ms'))} ms.",
                 f"- CPU per call (µs), sshpar over SSH: {_cpu(cs)} (wall {num(cs.get('wall'))}); "
                 f"raw pipe: {_cpu(cr)} (wall {num(cr.get('wall'))}). On 2 cores, CPU spent by "
                 "the client, sshd and the engine per call adds up to the round trip.",

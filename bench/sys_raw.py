@@ -145,7 +145,61 @@ def apply(env: Env, p: dict) -> dict:
     finally:
         pipe.close()
     out.update({f"asyncssh_{k}": v for k, v in asyncio.run(_asyncssh_latency(env, p)).items()})
+    out.update({f"iothread_{k}": v for k, v in _iothread_latency(env, p).items()})
     return out
+
+
+def _iothread_latency(env: Env, p: dict) -> dict:
+    """The floor of a client built like sshpar's, with nothing else: the caller hands a
+    message to an asyncio loop in another thread, which writes it to a local echo process
+    (no SSH) and hands the reply back through a Future."""
+    import concurrent.futures
+    import socket
+    import threading
+
+    mine, theirs = socket.socketpair()
+    echo = subprocess.Popen(
+        [env.python, "-c", "import socket, sys\n"
+         "s = socket.socket(fileno=int(sys.argv[1]))\n"
+         "while (d := s.recv(65536)):\n    s.sendall(d)\n", str(theirs.fileno())],
+        pass_fds=(theirs.fileno(),))
+    theirs.close()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    waiting: list[concurrent.futures.Future] = []
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            waiting.pop().set_result(data)
+
+    async def connect() -> Echo:
+        _, proto = await loop.create_unix_connection(Echo, sock=mine)
+        return proto
+
+    proto = asyncio.run_coroutine_threadsafe(connect(), loop).result(10)
+    message = cloudpickle.dumps((tasks.noop, (), {}))
+
+    def call() -> None:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        waiting.append(fut)
+        loop.call_soon_threadsafe(proto.transport.write, message)
+        fut.result(10)
+
+    try:
+        return measure_latency(call, p["calls"], p["warmup"])
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        mine.close()  # the echo process sees the end of its input and exits
+        try:
+            echo.wait(10)
+        except subprocess.TimeoutExpired:
+            echo.kill()
+            echo.wait()
 
 
 TINY_WINDOW = 256  # calls per write; two windows per pipe in flight
