@@ -307,7 +307,8 @@ def _top_files(prof: dict | None, who: str, n: int = 8) -> str:
     except (KeyError, TypeError):
         return ""
     skip = {"threading.py", "asyncio/base_events.py", "asyncio/events.py", "<frozen runpy>",
-            "__main__.py", "sshpar/_loop.py", "daemon.py", "sys_sshpar.py", "profiling.py",
+            "__main__.py", "sshpar/_loop.py", "daemon.py", "launcher.py", "nanny.py",
+            "sys_sshpar.py", "profiling.py",
             "worker.py", "harness.py", "tasks.py"}
     keep = [(pct, f) for pct, f in rows if f not in skip and not f.startswith("bench/")]
     return ", ".join(f"{f} {pct}%" for pct, f in keep[:n])
@@ -456,8 +457,12 @@ def _bulk_next(sb: dict, rb: dict) -> str:
         notes.append("push is below plain asyncssh's ceiling: look at copies and frame "
                      "sizes on the send path")
     if a_pull and sb.get("pull_MBps") and sb["pull_MBps"] < 0.8 * a_pull:
-        notes.append("pull is below plain asyncssh's ceiling: look at the read path "
-                     "(buffer joins, copies of out-of-band buffers)")
+        notes.append("pull is below plain asyncssh's figure, which only counts the bytes it "
+                     "reads: a pull must land in a fresh array, so sshpar's IO thread "
+                     "decrypts each SSH packet (asyncssh), copies it into the array's new "
+                     "pages and checks the MAC, all in one thread; the raw OpenSSH pull, "
+                     "which also builds an array, is the fair limit; what would help is fewer "
+                     "passes over the bytes in the client's IO thread")
     if sb.get("rss_ratio", 0) > 1.2:
         notes.append("client RSS over 1.2x means an extra copy of the array on the client")
     return "; ".join(notes) or "see the figures above"
