@@ -20,6 +20,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import _bootstrap, _wire
+from ._stream import FrameSender, client_handshake, read_frames
 from ._transport import ForwardingRefused, PushReader
 from .asyncresult import TaskRecord
 from .errors import EngineError, EngineInfo, ProtocolError, SshparError
@@ -59,7 +60,7 @@ class EngineChannel:
         self._ack_timer: asyncio.TimerHandle | None = None
         self._requests: dict[int, asyncio.Future] = {}
         self._req = 0
-        self._sender: _wire.FrameSender | None = None
+        self._sender: FrameSender | None = None
         self._writer: Any = None
         self._reader_task: asyncio.Task | None = None   # the pump, for non-push streams
         self._stream: object | None = None               # identifies the current stream
@@ -92,13 +93,13 @@ class EngineChannel:
             relayed = transport.supports_unix_streams
         self._writer = writer
         sent = time.time()
-        codec = await _wire.client_handshake(reader, writer, key)
+        codec = await client_handshake(reader, writer, key)
         if relayed:  # the relay reached the engine where forwarding did not: it is refused
             transport.note_forwarding_refused()
         parser = _wire.FrameParser(codec)
         frames: list[_wire.Frame] = []
         while not frames:
-            frames = await _wire.read_frames(reader, parser)
+            frames = await read_frames(reader, parser)
         hello = frames.pop(0)
         now = time.time()
         if hello.kind is not _wire.Kind.REPLY or hello.meta.get("op") != "hello":
@@ -107,7 +108,7 @@ class EngineChannel:
         if hello.meta.get("pid") != self.info.pid:  # restarted by its nanny: a new process
             self.info = dataclasses.replace(self.info, pid=hello.meta["pid"])
         self.clock_offset = hello.meta["time"] - (sent + now) / 2
-        self._sender = _wire.FrameSender(codec, writer)
+        self._sender = FrameSender(codec, writer)
         self._sent_sources.clear()
         self._sent_functions.clear()
         self.state = "running"

@@ -44,9 +44,6 @@ MAX_FRAME_BYTES = 2 << 30
 MAX_SEGMENTS = 4096
 #: Segments at least this large are read into a writable buffer in chunks (flat memory).
 _CHUNK = 1 << 20
-#: Large frames are written (and signed) in pieces of this size, each waiting for the stream
-#: to drain: about what a socket takes at once, so the transport never copies a remainder.
-_WRITE_CHUNK = 256 * 1024
 #: Frames up to this size are sent as one joined buffer (copying is cheaper than more writes).
 _JOIN = 64 * 1024
 _LENGTHS: dict[int, struct.Struct] = {}
@@ -411,15 +408,6 @@ class FrameParser:
         return True
 
 
-async def read_frames(reader: Reader, parser: FrameParser, size: int = 1 << 18
-                      ) -> list[Frame]:
-    """Wait for bytes and return the frames they complete (maybe none); EOFError at the end."""
-    data = await reader.read(size)
-    if not data:
-        raise EOFError("the stream ended")
-    return parser.feed(data)
-
-
 async def _read_segment(reader: Reader, n: int) -> bytes | bytearray:
     if n < _CHUNK:
         return await reader.readexactly(n) if n else b""
@@ -483,109 +471,22 @@ async def server_handshake(reader: Reader, writer: Writer, key: bytes,
     return codec
 
 
-async def client_handshake(reader: Reader, writer: Writer, key: bytes,
-                           max_frame: int = MAX_FRAME_BYTES) -> Codec:
-    """Client side of :func:`server_handshake`."""
-    try:
-        hello = await reader.readexactly(HELLO.size)
-    except EOFError:  # asyncio.IncompleteReadError (asyncio is not imported by engines)
-        raise ProtocolError("the connection closed before the engine greeted (nothing "
-                            "listening on its socket?)") from None
+def client_answer(key: bytes, hello: bytes) -> tuple[bytes, bytes, bytes]:
+    """Client side, step 1: check the engine's greeting; return (nonce_s, nonce_c, the
+    answer to send)."""
     magic, version, nonce_s = HELLO.unpack(hello)
     if magic != MAGIC:
         raise ProtocolError(f"the socket did not answer as an sshpar engine ({hello[:8]!r})")
     if version != VERSION:
         raise ProtocolError(f"engine speaks protocol {version}, this client {VERSION}")
     nonce_c = os.urandom(NONCE_SIZE)
-    writer.write(nonce_c + _derive(key, b"client", nonce_s, nonce_c))
-    await writer.drain()
-    try:
-        proof = await reader.readexactly(MAC_SIZE)
-    except EOFError:  # asyncio.IncompleteReadError (asyncio is not imported by engines)
-        raise ProtocolError("the engine closed the connection during the handshake: it did "
-                            "not accept this client's cluster key (a stale cluster file?)"
-                            ) from None
+    return nonce_s, nonce_c, nonce_c + _derive(key, b"client", nonce_s, nonce_c)
+
+
+def client_verify(key: bytes, nonce_s: bytes, nonce_c: bytes, proof: bytes,
+                  max_frame: int = MAX_FRAME_BYTES) -> Codec:
+    """Client side, step 2: check the engine's proof; return the connection's codec."""
     if not hmac.compare_digest(proof, _derive(key, b"server", nonce_s, nonce_c)):
         raise ProtocolError("engine did not prove the cluster key")
     c2s, s2c = _handshake_keys(key, nonce_s, nonce_c)
     return Codec(send_key=c2s, recv_key=s2c, max_frame=max_frame)
-
-
-class FrameSender:
-    """Writes frames to one stream in order, in as few writes as possible, without copying
-    large buffers twice.
-
-    Small frames are joined into one write (each write costs a syscall and, over SSH, a
-    packet or two): a frame sent with ``defer=True`` waits for :meth:`flush_small`, so a
-    burst of frames goes out in one write. Large frames, and anything behind them, go
-    through a pump task that writes in chunks and waits for the stream to drain, so a 1 GiB
-    array never sits in a transport buffer whole. Must be used from the loop thread.
-    """
-
-    _DIRECT_LIMIT = 256 * 1024
-
-    def __init__(self, codec: Codec, writer: Writer) -> None:
-        import asyncio
-        import collections
-
-        self._asyncio = asyncio
-        self.codec = codec
-        self.writer = writer
-        self._small: list[Any] = []
-        self._queue: collections.deque[list] = collections.deque()
-        self._pump: Any = None
-        self.error: BaseException | None = None
-
-    def send(self, kind: Kind, meta: dict, payload: Sequence[Any] = (), *,
-             defer: bool = False) -> None:
-        if self.error is not None:
-            raise self.error
-        bufs = self.codec.encode(kind, meta, payload, sign_as_sent=True)
-        size = sum(buffer_size(b) for b in bufs)
-        if self._pump is None and size <= self._DIRECT_LIMIT:
-            self._small.extend(finish_signature(bufs))
-            if not defer:
-                self.flush_small()
-            return
-        if self._small:  # keep order: what was deferred goes first
-            self._queue.append([b"".join(self._small)])
-            self._small = []
-        self._queue.append(bufs)
-        if self._pump is None:
-            self._pump = self._asyncio.ensure_future(self._run_pump())
-
-    def flush_small(self) -> None:
-        """Write the deferred small frames, in one write."""
-        if self._small:
-            data = b"".join(self._small)
-            self._small = []
-            self.writer.write(data)
-
-    async def _run_pump(self) -> None:
-        try:
-            while self._queue:
-                bufs = self._queue.popleft()
-                signature = bufs[-1] if isinstance(bufs[-1], Signature) else None
-                for i, buf in enumerate(bufs):
-                    if buf is signature:
-                        self.writer.write(signature.mac.digest())
-                        continue
-                    view = memoryview(buf).cast("B")
-                    for start in range(0, len(view), _WRITE_CHUNK):
-                        chunk = view[start:start + _WRITE_CHUNK]
-                        if signature is not None and i > 0:  # the header is signed already
-                            signature.mac.update(chunk)
-                        self.writer.write(chunk)
-                        await self.writer.drain()
-        except Exception as exc:  # the stream broke; the reader side reports it
-            self.error = exc
-            self._queue.clear()
-        finally:
-            self._pump = None
-
-    async def flush(self) -> None:
-        """Wait until everything queued has been handed to the stream."""
-        self.flush_small()
-        while self._pump is not None:
-            await self._asyncio.shield(self._pump)
-        await self.writer.drain()

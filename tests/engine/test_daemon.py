@@ -26,6 +26,7 @@ import pytest
 
 from sshpar import _serialize, _wire
 from sshpar._engine import ops
+from sshpar._stream import client_handshake
 from sshpar._wire import HEADER, MAGIC, VERSION, Frame, Kind
 from sshpar.errors import ProtocolError
 
@@ -76,7 +77,7 @@ class EngineClient:
         reader, writer = await asyncio.open_unix_connection(engine.socket)
         try:
             codec = await asyncio.wait_for(
-                _wire.client_handshake(reader, writer, engine.key if key is None else key),
+                client_handshake(reader, writer, engine.key if key is None else key),
                 WAIT)
             hello = await asyncio.wait_for(codec.read(reader), WAIT)
         except BaseException:

@@ -381,5 +381,5 @@ def test_import_parser_sees_relative_lazy_and_type_checking_imports() -> None:
             "sshpar._engine.executor", "sshpar._engine.reactor", "threading"} <= daemon
     errors = [i for i in imports_of(PKG / "errors.py") if i.module == "sshpar._render"]
     assert errors and all(i.lazy for i in errors)
-    wire_lazy = {i.module for i in imports_of(PKG / "_wire.py") if i.lazy}
-    assert {"asyncio", "collections"} <= wire_lazy
+    sender = {i.module for i in imports_of(PKG / "_stream.py")}
+    assert {"asyncio", "collections", "sshpar._wire"} <= sender

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sshpar import _serialize, _wire
+from sshpar._stream import FrameSender, client_handshake
 from sshpar._wire import HEADER, MAC_SIZE, MAGIC, MAX_SEGMENTS, VERSION, Codec, Frame, Kind
 from sshpar.errors import ProtocolError
 
@@ -197,7 +198,7 @@ async def handshake(client_key: bytes = KEY, server_key: bytes = KEY) -> tuple[A
 
     try:
         client_outcome, server_outcome = await asyncio.gather(
-            _wire.client_handshake(cr, cw, client_key), server(), return_exceptions=True)
+            client_handshake(cr, cw, client_key), server(), return_exceptions=True)
         return client_outcome, server_outcome
     finally:
         cw.close()
@@ -206,7 +207,7 @@ async def handshake(client_key: bytes = KEY, server_key: bytes = KEY) -> tuple[A
 def test_handshake_gives_each_side_matching_direction_keys() -> None:
     async def scenario() -> list[Frame]:
         (cr, cw), (sr, sw) = await socket_streams()
-        client, server = await asyncio.gather(_wire.client_handshake(cr, cw, KEY),
+        client, server = await asyncio.gather(client_handshake(cr, cw, KEY),
                                               _wire.server_handshake(sr, sw, KEY))
         cw.writelines(client.encode(Kind.TASK, {"msg_id": "c"}, [b"to-server"]))
         sw.writelines(server.encode(Kind.RESULT, {"msg_id": "c"}, [b"to-client"]))
@@ -253,7 +254,7 @@ def test_client_refuses_an_engine_that_cannot_prove_the_key() -> None:
             sw.write(_wire._derive(b"\x03" * 32, b"server", nonce_s, nonce_c))
             await sw.drain()
 
-        outcome, _ = await asyncio.gather(_wire.client_handshake(cr, cw, KEY), impostor(),
+        outcome, _ = await asyncio.gather(client_handshake(cr, cw, KEY), impostor(),
                                           return_exceptions=True)
         cw.close()
         sw.close()
@@ -268,7 +269,7 @@ def test_client_refuses_a_socket_that_is_not_an_engine() -> None:
     async def scenario() -> BaseException | Codec:
         (cr, cw), (_sr, sw) = await socket_streams()
         sw.write(b"SSH-2.0-OpenSSH_9.2 hello there friend\r\n")
-        outcome = (await asyncio.gather(_wire.client_handshake(cr, cw, KEY),
+        outcome = (await asyncio.gather(client_handshake(cr, cw, KEY),
                                         return_exceptions=True))[0]
         cw.close()
         sw.close()
@@ -473,7 +474,7 @@ def test_frame_sender_keeps_order_across_small_and_large_frames() -> None:
     async def scenario() -> list[Frame]:
         client, server = codec_pair()
         (_cr, cw), (sr, sw) = await socket_streams()
-        sender = _wire.FrameSender(client, cw)
+        sender = FrameSender(client, cw)
         for i, n in enumerate(sizes):
             sender.send(Kind.TASK, {"msg_id": str(i)}, [np.full(n, i % 256, dtype=np.uint8)])
         frames = [await server.read(sr) for _ in sizes]
