@@ -402,8 +402,11 @@ def analysis(results: Results, checks: list[tuple[Target, dict]]) -> list[str]:
                 f"({num(_ratio(s4.get('warm_seconds'), ss.get('warm_seconds')), 2)}x); all "
                 "4 sshd and 8 engines share this machine's cores, so the ratio includes CPU "
                 "contention a real 4-host start would not have.",
-                "- Next step: overlap what is sequential per host (connect, launch, open "
-                "channels) and measure each phase with the `on_progress` marks above.", ""]
+                "- Next step: per host, a start costs one SSH handshake (asyncssh, in the "
+                "client's one IO thread), one sshd session and one Python interpreter (the "
+                "launcher; nannies and engines are its forks). What remains of the 4-host "
+                "ratio is those costs sharing two cores; a real 4-host start runs them on "
+                "four machines.", ""]
     if not out:
         out = ["Every target was met in this run."]
     return out
@@ -425,9 +428,12 @@ def _apply_next(cs: dict, cr: dict, sa: dict, ra: dict) -> str:
     sends = _sends(sa.get("profile"))
     if sends > 1.5:
         text += (f" Each call makes {sends:.1f} socket sends on the client (the raw pipe: 1): "
-                 "each wakes sshd and costs a system call on both sides, so fewer, larger "
-                 "writes per call (one SSH packet per request, acknowledgements carried on "
-                 "the next request) cut client, sshd and engine time together.")
+                 "asyncssh puts an SSH_MSG_IGNORE packet before every data packet.")
+    text += (" The floor of a client with a background IO thread, before any SSH or "
+             "protocol work, is the IO-thread figure above; candidates are letting the "
+             "calling thread write a request itself when nothing else is queued (possible "
+             "where the stream is a plain socket: the local transport) and less Python per "
+             "call in the engine's reply path.")
     return text
 
 
@@ -454,8 +460,10 @@ def _bulk_next(sb: dict, rb: dict) -> str:
                      "the library's crypto/windowing bounds it (larger SSH window and packet "
                      "size, or an OpenSSH subprocess channel for bulk data)")
     elif a_push:
-        notes.append("push is below plain asyncssh's ceiling: look at copies and frame "
-                     "sizes on the send path")
+        notes.append("push is below plain asyncssh's figure, which sends the bytes as they "
+                     "are: sshpar also signs them (one more pass over the bytes in the "
+                     "client's IO thread, which runs asyncssh's encryption too) and the "
+                     "engine receives them into fresh memory and checks the MAC")
     if a_pull and sb.get("pull_MBps") and sb["pull_MBps"] < 0.8 * a_pull:
         notes.append("pull is below plain asyncssh's figure, which only counts the bytes it "
                      "reads: a pull must land in a fresh array, so sshpar's IO thread "
