@@ -67,6 +67,8 @@ class EngineChannel:
         self._closed: asyncio.Future | None = None       # done when that stream ends
         self._sent_sources: dict[str, tuple[list[str], int]] = {}
         self._sent_functions: set[bytes] = set()   # digests the engine keeps (this stream)
+        self._last_function: Any = None            # the last function pickle, its digest
+        self._last_digest = b""
         self.loop = asyncio.get_running_loop()
 
     @property
@@ -180,15 +182,12 @@ class EngineChannel:
         size = 0
         while self._outbox:
             rec, meta, payload = self._outbox.popleft()
-            if self.state == "suspended":  # sent once the host is back (or failed if not)
-                rec.request = (meta, payload)
-                self.pending[rec.msg_id] = rec
-                continue
-            if self.state != "running":
+            if self.state not in ("running", "suspended"):
                 rec.fail(self.error(f"is {self.state}"), time.time())
                 continue
-            rec.request = (meta, payload)
-            self.pending[rec.msg_id] = rec
+            self._track(rec, meta, payload)
+            if self.state == "suspended":  # sent once the host is back (or failed if not)
+                continue
             meta, payload = self._compact(meta, payload)
             n = sum(_wire.buffer_size(b) for b in payload)
             if n > BATCH_ITEM:
@@ -210,17 +209,25 @@ class EngineChannel:
             return _wire.join_batch(batch)
         return batch[0] if batch else (None, [])
 
-    def _send_task(self, rec: TaskRecord, meta: dict, payload: list) -> None:
+    def _track(self, rec: TaskRecord, meta: dict, payload: list) -> None:
+        """Wait for ``rec``'s result, keeping the request to resend after a reconnect."""
         rec.request = (meta, payload)
         self.pending[rec.msg_id] = rec
+
+    def _send_task(self, rec: TaskRecord, meta: dict, payload: list) -> None:
+        self._track(rec, meta, payload)
         self._send_frame(*self._compact(meta, payload))
 
     def _compact(self, meta: dict, payload: list) -> tuple[dict, list]:
         """Send a function once per stream: after the first time, by its digest."""
         f = payload[0] if payload else b""
-        if not (_wire.FUNCTION_REF_MIN <= _wire.buffer_size(f) <= _wire.FUNCTION_KEEP_MAX):
+        if f is self._last_function:  # a reused pickle: the same bytes object, its digest
+            digest = self._last_digest
+        elif _wire.FUNCTION_REF_MIN <= _wire.buffer_size(f) <= _wire.FUNCTION_KEEP_MAX:
+            digest = self._last_digest = _wire.function_digest(f)
+            self._last_function = f
+        else:
             return meta, payload
-        digest = _wire.function_digest(f)
         if digest in self._sent_functions:
             return dict(meta, fn=digest), [b"", *payload[1:]]
         if len(self._sent_functions) < _wire.FUNCTIONS_KEPT:

@@ -338,23 +338,20 @@ class Client:
     # -- lifecycle --------------------------------------------------------------------------
     def shutdown(self) -> None:
         """Stop every engine this client reaches, remove their sockets, and close."""
-        if self._closed:
-            return
-        atexit.unregister(self._atexit)
-        try:
-            self._io.run(self._cluster.shutdown(), 60, what="shutting down engines")
-            _clusterfile.remove(self.spec.name)
-        finally:
-            self._closed = True
-            self._io.stop()
+        self._end(self._cluster.shutdown, 60, "shutting down engines", forget=True)
 
     def close(self) -> None:
         """Disconnect, leaving engines running (they keep their namespaces)."""
+        self._end(self._cluster.close, 30, "closing connections", forget=False)
+
+    def _end(self, how: Any, timeout: float, what: str, *, forget: bool) -> None:
         if self._closed:
             return
         atexit.unregister(self._atexit)
         try:
-            self._io.run(self._cluster.close(), 30, what="closing connections")
+            self._io.run(how(), timeout, what=what)
+            if forget:  # the engines are gone: so is the cluster file
+                _clusterfile.remove(self.spec.name)
         finally:
             self._closed = True
             self._io.stop()

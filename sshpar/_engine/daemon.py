@@ -320,6 +320,7 @@ class Daemon:
             payload = [conn.functions[ref], *payload[1:]]
         elif keep is not None:
             if (not isinstance(keep, bytes) or len(conn.functions) >= _wire.FUNCTIONS_KEPT
+                    or _wire.buffer_size(payload[0]) > _wire.FUNCTION_KEEP_MAX
                     or _wire.function_digest(payload[0]) != keep):
                 raise ProtocolError("TASK with a malformed fn_keep")
             conn.functions[keep] = payload[0]

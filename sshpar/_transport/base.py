@@ -83,7 +83,7 @@ class PushReader(asyncio.StreamReader):
     def feed_data(self, data: Any) -> None:
         if self._sink is not None:
             self._sink(data)
-        elif self._on_end is None:
+        else:
             super().feed_data(data)
 
     def feed_eof(self) -> None:

@@ -595,7 +595,7 @@ def test_a_stream_sends_a_function_once_then_its_digest() -> None:
 
     from sshpar._channel import EngineChannel
 
-    stream = SimpleNamespace(_sent_functions=set())
+    stream = SimpleNamespace(_sent_functions=set(), _last_function=None, _last_digest=b"")
     function, args = b"f" * 200, b"args"
     sent = [EngineChannel._compact(stream, {"msg_id": str(i)}, [function, args])  # type: ignore[arg-type]
             for i in range(3)]
