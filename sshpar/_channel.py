@@ -16,11 +16,14 @@ import collections
 import dataclasses
 import linecache
 import logging
+import socket
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from . import _bootstrap, _wire
-from ._stream import FrameSender, client_handshake, read_frames
+from ._lane import Lane
+from ._stream import FrameSender, FunctionRefs, client_handshake, read_frames
 from ._transport import ForwardingRefused, PushReader
 from .asyncresult import TaskRecord
 from .errors import EngineError, EngineInfo, ProtocolError, SshparError
@@ -36,6 +39,8 @@ CONTROL_TIMEOUT = 10.0
 BATCH_ITEM = 16 * 1024
 BATCH_TASKS = 256
 BATCH_BYTES = 256 * 1024
+#: After a direct lane could not be opened, the channel serves blocking calls this long.
+LANE_RETRY = 5.0
 #: Results are acknowledged at most this late (seconds), or once this many are waiting.
 ACK_DELAY = 0.05
 ACK_BATCH = 1024
@@ -66,9 +71,10 @@ class EngineChannel:
         self._stream: object | None = None               # identifies the current stream
         self._closed: asyncio.Future | None = None       # done when that stream ends
         self._sent_sources: dict[str, tuple[list[str], int]] = {}
-        self._sent_functions: set[bytes] = set()   # digests the engine keeps (this stream)
-        self._last_function: Any = None            # the last function pickle, its digest
-        self._last_digest = b""
+        self._refs = FunctionRefs()                # functions the engine keeps (this stream)
+        self._lane: Lane | None = None
+        self._lane_opening = threading.Lock()
+        self._lane_retry_at = 0.0
         self.loop = asyncio.get_running_loop()
 
     @property
@@ -112,7 +118,7 @@ class EngineChannel:
         self.clock_offset = hello.meta["time"] - (sent + now) / 2
         self._sender = FrameSender(codec, writer)
         self._sent_sources.clear()
-        self._sent_functions.clear()
+        self._refs = FunctionRefs()
         self.state = "running"
         self.responsive = True
         self.last_seen = time.monotonic()
@@ -132,11 +138,13 @@ class EngineChannel:
         else:
             self._reader_task = asyncio.ensure_future(self._pump(reader, on_data, on_end))
 
-    async def resync(self) -> None:
-        """After reopening: have the engine account for every task we still wait for."""
-        if not self.pending:
+    async def resync(self, msg_ids: list[str] | None = None) -> None:
+        """After reopening: have the engine account for every task we still wait for (or
+        for ``msg_ids``)."""
+        ids = list(self.pending) if msg_ids is None else msg_ids
+        if not ids:
             return
-        reply = await self.request("fetch", msg_ids=list(self.pending))
+        reply = await self.request("fetch", msg_ids=ids)
         for msg_id, where in reply["found"].items():
             rec = self.pending.get(msg_id)
             if rec is None or where != "unknown":
@@ -181,14 +189,16 @@ class EngineChannel:
         batch: list[tuple[dict, list]] = []
         size = 0
         while self._outbox:
-            rec, meta, payload = self._outbox.popleft()
+            rec, meta, payload = self._outbox[0]
             if self.state not in ("running", "suspended"):
+                self._outbox.popleft()
                 rec.fail(self.error(f"is {self.state}"), time.time())
                 continue
-            self._track(rec, meta, payload)
+            self._track(rec, meta, payload)  # pending before it leaves the outbox: see lane()
+            self._outbox.popleft()
             if self.state == "suspended":  # sent once the host is back (or failed if not)
                 continue
-            meta, payload = self._compact(meta, payload)
+            meta, payload = self._refs.compact(meta, payload)
             n = sum(_wire.buffer_size(b) for b in payload)
             if n > BATCH_ITEM:
                 self._send_frame(*self._batched(batch))
@@ -216,24 +226,7 @@ class EngineChannel:
 
     def _send_task(self, rec: TaskRecord, meta: dict, payload: list) -> None:
         self._track(rec, meta, payload)
-        self._send_frame(*self._compact(meta, payload))
-
-    def _compact(self, meta: dict, payload: list) -> tuple[dict, list]:
-        """Send a function once per stream: after the first time, by its digest."""
-        f = payload[0] if payload else b""
-        if f is self._last_function:  # a reused pickle: the same bytes object, its digest
-            digest = self._last_digest
-        elif _wire.FUNCTION_REF_MIN <= _wire.buffer_size(f) <= _wire.FUNCTION_KEEP_MAX:
-            digest = self._last_digest = _wire.function_digest(f)
-            self._last_function = f
-        else:
-            return meta, payload
-        if digest in self._sent_functions:
-            return dict(meta, fn=digest), [b"", *payload[1:]]
-        if len(self._sent_functions) < _wire.FUNCTIONS_KEPT:
-            self._sent_functions.add(digest)
-            return dict(meta, fn_keep=digest), payload
-        return meta, payload
+        self._send_frame(*self._refs.compact(meta, payload))
 
     def _send_frame(self, meta: dict | None, payload: list) -> None:
         """One TASK frame (deferred: written by _flush_sender), acknowledgements riding on it."""
@@ -254,6 +247,104 @@ class EngineChannel:
                 self._sender.flush_small()
             except Exception as exc:  # noqa: BLE001 - the reader notices the broken stream
                 log.info("%s: write failed (%s)", self.info, exc)
+
+    # -- the direct lane (see _lane.py) -------------------------------------------------------
+    def lane(self) -> Lane | None:
+        """For a blocking call (any thread): this engine's lane, locked for the caller, if
+        the engine is reachable directly and has nothing else pending from us; else None."""
+        if self.state != "running" or self.pending or self._outbox:
+            return None
+        lane = self._lane
+        if lane is None:
+            lane = self._open_lane()
+            if lane is None:
+                return None
+        if not lane.lock.acquire(blocking=False):
+            return None
+        if lane.closed or lane is not self._lane:
+            lane.lock.release()
+            return None
+        return lane
+
+    def _open_lane(self) -> Lane | None:
+        if time.monotonic() < self._lane_retry_at:
+            return None
+        path = self.host.transport.local_path(self.socket_path)
+        if path is None:
+            self._lane_retry_at = float("inf")
+            return None
+        with self._lane_opening:
+            if self._lane is None and time.monotonic() >= self._lane_retry_at:
+                try:
+                    self._lane = Lane.connect(self, path, self.host.key)
+                except Exception as exc:  # noqa: BLE001 - the channel serves instead
+                    log.info("%s: no direct lane (%s); trying again in %g s", self.info, exc,
+                             LANE_RETRY)
+                    self._lane_retry_at = time.monotonic() + LANE_RETRY
+            return self._lane
+
+    def adopt_lane(self, lane: Lane) -> None:
+        """Loop thread: a call could not finish on ``lane``. Take its tasks over, let the
+        engine close the lane (so it has read all we sent), then fetch what is missing."""
+        if self._lane is lane:
+            self._lane = None
+        recs = [rec for rec in lane.unfinished() if not rec.done]
+        for rec in recs:
+            self.pending[rec.msg_id] = rec
+        self._queue_acks(lane.take_acks())
+        if self.state not in ("running", "suspended"):
+            lane.close()
+            self._settle_lane(recs)
+            return
+        try:
+            lane.sock.shutdown(socket.SHUT_WR)
+            lane.sock.setblocking(False)
+            self.loop.add_reader(lane.sock.fileno(), self._drain_lane, lane, recs)
+        except (OSError, ValueError):
+            lane.close()
+            self._settle_lane(recs)
+
+    def _drain_lane(self, lane: Lane, recs: list[TaskRecord]) -> None:
+        try:
+            data = lane.sock.recv(1 << 18)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            try:
+                for frame in lane.parser.feed(data):
+                    self._receive(frame)
+                return
+            except ProtocolError as exc:
+                log.error("%s: bad frame on a direct lane: %s", self.info, exc)
+        self.loop.remove_reader(lane.sock.fileno())
+        lane.close()
+        self._settle_lane(recs)
+
+    def _settle_lane(self, recs: list[TaskRecord]) -> None:
+        """Tasks from a closed lane that are still pending: fetched (or resent if the engine
+        never had them) while the channel runs; after a reconnect the resync covers them."""
+        ids = [rec.msg_id for rec in recs if self.pending.get(rec.msg_id) is rec]
+        if not ids:
+            return
+        if self.state == "running":
+            asyncio.ensure_future(self._refetch(ids))
+        elif self.state != "suspended":
+            for msg_id in ids:
+                self.pending.pop(msg_id).fail(self.error(f"is {self.state}"), time.time())
+
+    async def _refetch(self, ids: list[str]) -> None:
+        try:
+            await self.resync(ids)
+            self._flush_sender()
+        except SshparError as exc:  # the channel broke too: its own recovery covers them
+            log.info("%s: fetching after a lane closed failed: %s", self.info, exc)
+
+    def _close_lane(self) -> None:
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            lane.close()
 
     # -- control ----------------------------------------------------------------------------
     async def request(self, op: str, timeout: float = CONTROL_TIMEOUT, **kw: Any) -> dict:
@@ -374,16 +465,21 @@ class EngineChannel:
         else:
             raise ProtocolError(f"unexpected {kind.name} frame from an engine")
 
+    def _queue_acks(self, ids: list[str]) -> None:
+        if not ids:
+            return
+        if self._ack_timer is None:  # one timer at a time, not one per result
+            self._ack_timer = self.loop.call_later(ACK_DELAY, self._send_acks)
+        self._acks.extend(ids)
+        if len(self._acks) >= ACK_BATCH:
+            self._send_acks()
+
     def _result(self, meta: dict, payload: list) -> None:
         msg_id = meta["msg_id"]
         rec = self.pending.pop(msg_id, None)
         # Results stay on the engine until acknowledged; acks are batched (or ride on
         # the next task), since each frame costs a packet or two over SSH.
-        if self._ack_timer is None:  # one timer at a time, not one per result
-            self._ack_timer = self.loop.call_later(ACK_DELAY, self._send_acks)
-        self._acks.append(msg_id)
-        if len(self._acks) >= ACK_BATCH:
-            self._send_acks()
+        self._queue_acks([msg_id])
         if rec is not None:
             rec.finish(meta, payload, time.time(), self.clock_offset)
 
@@ -410,6 +506,7 @@ class EngineChannel:
 
     def suspend(self) -> None:
         """The stream is gone but the engine may not be: keep pending tasks for a resync."""
+        self._close_lane()
         if self._reader_task is not None:
             self._reader_task.cancel()
             self._reader_task = None

@@ -11,6 +11,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._wire import (
+    FUNCTION_KEEP_MAX,
+    FUNCTION_REF_MIN,
+    FUNCTIONS_KEPT,
     HELLO,
     MAC_SIZE,
     MAX_FRAME_BYTES,
@@ -25,6 +28,7 @@ from ._wire import (
     client_answer,
     client_verify,
     finish_signature,
+    function_digest,
 )
 from .errors import ProtocolError
 
@@ -137,3 +141,30 @@ class FrameSender:
         while self._pump is not None:
             await asyncio.shield(self._pump)
         await self.writer.drain()
+
+
+class FunctionRefs:
+    """Sends each function once per stream: after the first time, by its digest (the engine
+    keeps up to FUNCTIONS_KEPT of them per connection). One per stream; not thread-safe."""
+
+    def __init__(self) -> None:
+        self.sent: set[bytes] = set()   # digests the engine keeps (this stream)
+        self._last: Any = None          # the last function pickle, and its digest
+        self._last_digest = b""
+
+    def compact(self, meta: dict, payload: list) -> tuple[dict, list]:
+        """The task as it goes on this stream: its function by reference where possible."""
+        f = payload[0] if payload else b""
+        if f is self._last:  # a reused pickle: the same bytes object, so the same digest
+            digest = self._last_digest
+        elif FUNCTION_REF_MIN <= buffer_size(f) <= FUNCTION_KEEP_MAX:
+            digest = self._last_digest = function_digest(f)
+            self._last = f
+        else:
+            return meta, payload
+        if digest in self.sent:
+            return dict(meta, fn=digest), [b"", *payload[1:]]
+        if len(self.sent) < FUNCTIONS_KEPT:
+            self.sent.add(digest)
+            return dict(meta, fn_keep=digest), payload
+        return meta, payload

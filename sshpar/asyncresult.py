@@ -35,6 +35,13 @@ def _dt(t: float | None) -> datetime.datetime | None:
     return None if t is None else datetime.datetime.fromtimestamp(t, _UTC)
 
 
+def keep_running_note(exc: BaseException, msg_ids: Sequence[str]) -> None:
+    """Tell an interrupted waiter that its tasks were not stopped (Python 3.11+ notes)."""
+    if isinstance(exc, KeyboardInterrupt) and hasattr(exc, "add_note"):
+        exc.add_note(f"sshpar: the task(s) {', '.join(msg_ids)} keep running; fetch later "
+                     "with rc.get_result(msg_id) or stop with ar.abort()/view.interrupt()")
+
+
 class TaskRecord:
     """One task on one engine, as the client tracks it (filled in by the IO thread)."""
 
@@ -238,10 +245,7 @@ class AsyncResult(concurrent.futures.Future):
         try:
             ready = self.wait(timeout)
         except KeyboardInterrupt as exc:
-            if hasattr(exc, "add_note"):  # Python 3.11+
-                exc.add_note(f"sshpar: the task(s) {', '.join(self.msg_ids)} keep running; "
-                             "fetch later with rc.get_result(msg_id) or stop with "
-                             "ar.abort()/view.interrupt()")
+            keep_running_note(exc, self.msg_ids)
             raise
         if not ready:
             raise TimeoutError(f"Result not ready after {timeout:g} s." if timeout else

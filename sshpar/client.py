@@ -16,11 +16,12 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import _clusterfile
+from . import _clusterfile, _lane
 from ._channel import EngineChannel
+from ._lane import Lane
 from ._loop import LoopThread
 from ._session import Cluster, new_key
-from .asyncresult import AsyncResult, TaskRecord
+from .asyncresult import AsyncResult, TaskRecord, keep_running_note
 from .config import ClusterSpec, load_hosts
 from .errors import ConfigError, EngineError, EngineInfo, NoEnginesError
 from .view import DirectView, Targets
@@ -236,8 +237,10 @@ class Client:
                 fname: str, postprocess: Any = None,
                 result_class: type[AsyncResult] = AsyncResult,
                 code_files: set[str] | frozenset[str] = frozenset(),
-                limit: float | None = None) -> AsyncResult:
-        """Send one task per engine (``payloads[i]`` to ``ids[i]``); never blocks."""
+                limit: float | None = None, direct: bool = False) -> AsyncResult:
+        """Send one task per engine (``payloads[i]`` to ``ids[i]``). Never blocks, unless
+        ``direct``: then, if every engine is idle and has a direct lane, the calling thread
+        runs the tasks itself and returns once they are done (see _lane.py)."""
         if self._closed:
             raise NoEnginesError("this client is closed")
         now = time.time()
@@ -253,6 +256,7 @@ class Client:
         for rec in records:
             self._results[rec.msg_id] = ar
             self._unclaimed[rec.msg_id] = ar
+        items = []
         for ch, rec, payload in zip(channels, records, payloads):
             meta: dict[str, Any] = {"msg_id": rec.msg_id}
             if limit:
@@ -260,8 +264,34 @@ class Client:
             sources = ch.sources_for(code_files) if code_files else None
             if sources:
                 meta["sources"] = sources
-            ch.submit(rec, meta, payload)
+            items.append((rec, meta, payload))
+        lanes = self._lanes(channels) if direct else None
+        if lanes is not None:
+            try:
+                _lane.call(lanes, items)
+            except BaseException as exc:
+                keep_running_note(exc, ar.msg_ids)
+                raise
+            return ar
+        for ch, item in zip(channels, items):
+            ch.submit(*item)
         return ar
+
+    @staticmethod
+    def _lanes(channels: Sequence[EngineChannel]) -> list[Lane] | None:
+        """A locked direct lane for every channel (distinct engines), or None."""
+        lanes: list[Lane] = []
+        if len(set(channels)) == len(channels):
+            for ch in channels:
+                lane = ch.lane()
+                if lane is None:
+                    break
+                lanes.append(lane)
+            else:
+                return lanes
+        for lane in lanes:
+            lane.lock.release()
+        return None
 
     def wait(self, jobs: Sequence[AsyncResult] | None = None,
              timeout: float | None = None) -> bool:

@@ -270,6 +270,8 @@ class Reactor:
                 budget -= n
                 for frame in frames:
                     self.on_frame(frame, conn)
+                if target is None and n < _RECV:  # drained: saves a recv that would fail
+                    return
         except (BlockingIOError, InterruptedError):
             return
         except ProtocolError as exc:

@@ -124,6 +124,11 @@ class Transport(abc.ABC):
     async def open_unix(self, path: str) -> tuple[StreamReader, StreamWriter]:
         """A byte stream to the Unix socket ``path`` on the host (raise ForwardingRefused)."""
 
+    def local_path(self, path: str) -> str | None:
+        """A path on this machine that reaches the host's Unix socket ``path`` as a plain
+        socket (for direct lanes), or None where streams go through the transport."""
+        return None
+
     def note_forwarding_refused(self) -> None:  # noqa: B027 - optional for backends
         """The relay worked where a Unix stream was refused: forwarding is off on this host,
         so later streams may go to the relay at once."""

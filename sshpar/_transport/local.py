@@ -49,6 +49,9 @@ class LocalTransport(Transport):
         transport, _ = await loop.create_unix_connection(lambda: protocol, path)
         return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
+    def local_path(self, path: str) -> str | None:
+        return path
+
     async def open_exec(self, command: str) -> tuple[StreamReader, StreamWriter]:
         proc = await asyncio.create_subprocess_exec(
             _SHELL, "-c", command, stdin=asyncio.subprocess.PIPE,

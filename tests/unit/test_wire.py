@@ -591,17 +591,14 @@ def test_parser_refuses_tampering_and_replay() -> None:
 # -- functions sent once per stream -----------------------------------------------------------
 
 def test_a_stream_sends_a_function_once_then_its_digest() -> None:
-    from types import SimpleNamespace
+    from sshpar._stream import FunctionRefs
 
-    from sshpar._channel import EngineChannel
-
-    stream = SimpleNamespace(_sent_functions=set(), _last_function=None, _last_digest=b"")
+    refs = FunctionRefs()
     function, args = b"f" * 200, b"args"
-    sent = [EngineChannel._compact(stream, {"msg_id": str(i)}, [function, args])  # type: ignore[arg-type]
-            for i in range(3)]
+    sent = [refs.compact({"msg_id": str(i)}, [function, args]) for i in range(3)]
     digest = _wire.function_digest(function)
     assert sent[0] == ({"msg_id": "0", "fn_keep": digest}, [function, args])
     assert sent[1] == ({"msg_id": "1", "fn": digest}, [b"", args])
     assert sent[2] == ({"msg_id": "2", "fn": digest}, [b"", args])
-    tiny = EngineChannel._compact(stream, {"msg_id": "t"}, [b"x", args])  # type: ignore[arg-type]
+    tiny = refs.compact({"msg_id": "t"}, [b"x", args])
     assert tiny == ({"msg_id": "t"}, [b"x", args])  # not worth a reference

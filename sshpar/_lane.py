@@ -1,0 +1,248 @@
+"""A direct lane to one engine: blocking calls made by the calling thread itself.
+
+Layer: core (client only). Imports _wire, _stream and errors; the channel owns its lane.
+
+A round trip through the IO thread wakes four threads in turn (caller -> IO thread -> engine
+-> IO thread -> caller), and on a small machine each wake-up costs about as much as the work.
+Where an engine's socket is reachable as a plain Unix socket on this machine (the local
+transport), a blocking call to idle engines (``apply_sync``, ``execute``, ``push``/``pull``
+with ``block=True``) goes over a second connection instead, which the calling thread writes
+and reads itself: caller -> engine -> caller.
+
+The engine sees one more client; nothing changes there. The lane is used only when its
+engine has nothing else pending from this client (so tasks still run in the order they were
+submitted), and by one thread at a time. If a call cannot finish on the lane (the caller is
+interrupted, or the lane breaks), the lane is handed to the IO thread (:meth:`EngineChannel.
+adopt_lane`), which takes whatever results still arrive on it, waits for the engine to close
+it, and fetches the rest over the channel: nothing is lost or run twice.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from . import _wire
+from ._stream import FunctionRefs
+from .errors import ProtocolError
+
+if TYPE_CHECKING:
+    from ._channel import EngineChannel
+    from .asyncresult import TaskRecord
+
+#: A waiting call looks at its channel's state this often (seconds): a lost engine or a
+#: closed client ends the wait even if the socket says nothing.
+LANE_POLL_MS = 250
+#: A waiting call first looks for its result without sleeping, this long (seconds): waking a
+#: sleeping thread costs tens of microseconds on a virtual machine, as much as the call.
+LANE_SPIN = float(__import__("os").environ.get("SSHPAR_SPIN", "100e-6"))
+#: Connecting and the handshake must finish within this (seconds).
+LANE_CONNECT_TIMEOUT = 5.0
+_RECV = 1 << 18
+_WRITE = 1 << 20
+#: A result at least this large is acknowledged at once (the engine holds it until then);
+#: smaller ones ride on the next call.
+ACK_AT_ONCE = 64 * 1024
+
+
+class LaneBroken(Exception):
+    """The lane cannot be used any more (closed, or the engine went away)."""
+
+
+class Lane:
+    """A second connection to one engine, used by one calling thread at a time (``lock``)."""
+
+    def __init__(self, channel: EngineChannel, sock: socket.socket, codec: _wire.Codec,
+                 parser: _wire.FrameParser) -> None:
+        self.channel = channel
+        self.sock = sock
+        self.codec = codec
+        self.parser = parser
+        self.lock = threading.Lock()     # held by the thread using the lane
+        self.closed = False
+        self._refs = FunctionRefs()
+        self._acks: list[str] = []       # results taken; acknowledged with the next call
+        self._ack_now = False
+        self._waiting: dict[str, TaskRecord] = {}
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+        self._poll_out = select.poll()
+        self._poll_out.register(sock, select.POLLOUT)
+
+    @classmethod
+    def connect(cls, channel: EngineChannel, path: str, key: bytes) -> Lane:
+        """Connect to the engine socket at ``path`` and prove ``key`` (blocking, bounded)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(LANE_CONNECT_TIMEOUT)
+            sock.connect(path)
+            nonce_s, nonce_c, answer = _wire.client_answer(key, _recv_exactly(sock,
+                                                                              _wire.HELLO.size))
+            sock.sendall(answer)
+            codec = _wire.client_verify(key, nonce_s, nonce_c,
+                                        _recv_exactly(sock, _wire.MAC_SIZE))
+            parser = _wire.FrameParser(codec)
+            frames: list[_wire.Frame] = []
+            while not frames:
+                frames = parser.feed(_recv_some(sock))
+            hello = frames[0]
+            if hello.kind is not _wire.Kind.REPLY or hello.meta.get("op") != "hello" or \
+                    hello.meta.get("pid") != channel.info.pid:
+                raise ProtocolError("the engine's greeting on a direct lane did not match")
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(channel, sock, codec, parser)
+
+    # -- a call (the thread holding ``lock``) -------------------------------------------------
+    def send(self, rec: TaskRecord, meta: dict, payload: list) -> None:
+        """Send one task; its result is taken by :meth:`receive`."""
+        rec.request = (meta, payload)     # as the channel keeps it: resent if never received
+        self._waiting[rec.msg_id] = rec
+        meta, payload = self._refs.compact(meta, payload)
+        if self._acks:
+            meta = dict(meta, ack=self._acks)
+            self._acks = []
+        self._send_all(self.codec.encode(_wire.Kind.TASK, meta, payload))
+
+    def receive(self) -> None:
+        """Wait until every task sent has its result (finishing their records)."""
+        spin_until = time.perf_counter() + LANE_SPIN
+        while self._waiting:
+            target = self.parser.big_target()
+            try:
+                if target is not None:  # an array: straight into its buffer
+                    n = self.sock.recv_into(target)
+                    frames = self.parser.filled(n) if n else None
+                else:
+                    data = self.sock.recv(_RECV)
+                    frames = self.parser.feed(data) if data else None
+            except BlockingIOError:
+                if time.perf_counter() >= spin_until and not self._poll.poll(LANE_POLL_MS):
+                    self._check_channel()
+                continue
+            except OSError as exc:
+                raise LaneBroken(f"the lane broke: {exc}") from exc
+            if frames is None:
+                raise LaneBroken("the engine closed the lane")
+            for frame in frames:
+                self.take(frame)
+        if self._ack_now:  # let the engine free a large result now, not at the next call
+            self._ack_now = False
+            self._send_all(self.codec.encode(_wire.Kind.CONTROL,
+                                             {"op": "ack", "msg_ids": self.take_acks()}))
+
+    def take(self, frame: _wire.Frame) -> None:
+        """Handle one frame from the engine (results and output of this lane's tasks)."""
+        kind, meta = frame.kind, frame.meta
+        if kind is _wire.Kind.RESULT:
+            items = (_wire.split_batch(meta, frame.payload) if "batch" in meta
+                     else [(meta, frame.payload)])
+            for m, p in items:
+                rec = self._waiting.pop(m["msg_id"], None)
+                self._acks.append(m["msg_id"])
+                if sum(_wire.buffer_size(b) for b in p) >= ACK_AT_ONCE:
+                    self._ack_now = True
+                if rec is not None:
+                    rec.finish(m, p, time.time(), self.channel.clock_offset)
+        elif kind is _wire.Kind.OUTPUT:
+            rec = self._waiting.get(meta["msg_id"])
+            if rec is not None:
+                rec.add_output(meta["name"], meta["text"])
+        elif kind is not _wire.Kind.REPLY:
+            raise ProtocolError(f"unexpected {kind.name} frame from an engine")
+
+    def unfinished(self) -> list[TaskRecord]:
+        waiting, self._waiting = self._waiting, {}
+        return list(waiting.values())
+
+    def _send_all(self, bufs: Sequence[Any]) -> None:
+        for buf in bufs:
+            view = memoryview(buf).cast("B")
+            while view:
+                try:
+                    n = self.sock.send(view[:_WRITE])
+                except BlockingIOError:
+                    if not self._poll_out.poll(LANE_POLL_MS):
+                        self._check_channel()
+                    continue
+                except OSError as exc:
+                    raise LaneBroken(f"the lane broke: {exc}") from exc
+                view = view[n:]
+
+    def _check_channel(self) -> None:
+        if self.closed or self.channel.state != "running":
+            raise LaneBroken(f"{self.channel.info} is {self.channel.state}")
+
+    # -- ending -------------------------------------------------------------------------------
+    def take_acks(self) -> list[str]:
+        acks, self._acks = self._acks, []
+        return acks
+
+    def close(self) -> None:
+        """Close the socket (any thread); a caller blocked on it wakes within LANE_POLL_MS.
+        Unsent acknowledgements go first if no call is using the lane."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._acks and self.lock.acquire(blocking=False):
+            try:
+                self.sock.setblocking(False)
+                self.sock.send(b"".join(self.codec.encode(
+                    _wire.Kind.CONTROL, {"op": "ack", "msg_ids": self.take_acks()})))
+            except OSError:
+                pass  # unacknowledged results stay on the engine: harmless
+            finally:
+                self.lock.release()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def _recv_some(sock: socket.socket) -> bytes:
+    data = sock.recv(_RECV)
+    if not data:
+        raise ProtocolError("the engine closed a direct lane during the handshake")
+    return data
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    parts, have = [], 0
+    while have < n:  # never past n: the engine's first frame may follow at once
+        part = sock.recv(n - have)
+        if not part:
+            raise ProtocolError("the engine closed a direct lane during the handshake")
+        parts.append(part)
+        have += len(part)
+    return b"".join(parts)
+
+
+def call(lanes: Sequence[Lane], items: Sequence[tuple[TaskRecord, dict, list]]) -> None:
+    """Run one task per lane (``items[i]`` on ``lanes[i]``, each lane locked by the caller)
+    and wait for the results. If the lanes cannot finish (interrupted, broken), each goes to
+    its channel's IO thread, which sees the tasks through; an interrupt is raised again, a
+    broken lane is not (the results come through the channel: wait on the AsyncResult)."""
+    adopted: list[Lane] = []
+    try:
+        for lane, (rec, meta, payload) in zip(lanes, items):
+            lane.send(rec, meta, payload)
+        for lane in lanes:
+            lane.receive()
+    except BaseException as exc:
+        for lane in lanes:
+            if lane._waiting or not isinstance(exc, Exception):
+                adopted.append(lane)
+                lane.channel.loop.call_soon_threadsafe(lane.channel.adopt_lane, lane)
+        if not isinstance(exc, (LaneBroken, ProtocolError, OSError)):
+            raise
+    finally:
+        for lane in lanes:
+            if lane not in adopted:
+                lane.lock.release()
