@@ -529,6 +529,11 @@ class EngineChannel:
         state = self.state
         self.suspend()
         self.state = "stopped" if state == "stopping" else "closed"
+        # whoever still waits must not wait forever; the engine keeps the tasks
+        self.fail_pending(self.error(
+            "was closed by this client; its tasks keep running there: fetch their results "
+            "from a new Client with get_result(msg_id)" if self.state == "closed"
+            else "was stopped"))
 
     async def shutdown(self) -> bool:
         """Ask the engine to exit; True once its stream has closed (the process is gone)."""

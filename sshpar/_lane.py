@@ -239,7 +239,13 @@ def call(lanes: Sequence[Lane], items: Sequence[tuple[TaskRecord, dict, list]]) 
         for lane in lanes:
             if lane._waiting or not isinstance(exc, Exception):
                 adopted.append(lane)
-                lane.channel.loop.call_soon_threadsafe(lane.channel.adopt_lane, lane)
+                ch = lane.channel
+                try:
+                    ch.loop.call_soon_threadsafe(ch.adopt_lane, lane)
+                except RuntimeError:  # the client is closed: its loop is gone
+                    lane.close()
+                    for rec in lane.unfinished():
+                        rec.fail(ch.error(f"is {ch.state}"), time.time())
         if not isinstance(exc, (LaneBroken, ProtocolError, OSError)):
             raise
     finally:

@@ -65,6 +65,8 @@ class Client:
         self._results: weakref.WeakValueDictionary[str, AsyncResult] = \
             weakref.WeakValueDictionary()
         self._unclaimed: dict[str, AsyncResult] = {}
+        #: msg_ids of every task this client submitted, oldest first (as in ipyparallel)
+        self.history: list[str] = []
         self._id_prefix = uuid.uuid4().hex[:16] + "-"
         self._ids = itertools.count(1)
         self._io = LoopThread()
@@ -256,6 +258,7 @@ class Client:
         for rec in records:
             self._results[rec.msg_id] = ar
             self._unclaimed[rec.msg_id] = ar
+            self.history.append(rec.msg_id)
         items = []
         for ch, rec, payload in zip(channels, records, payloads):
             meta: dict[str, Any] = {"msg_id": rec.msg_id}

@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import textwrap
 import threading
@@ -31,6 +32,7 @@ import pytest
 import yaml
 
 import sshpar as p
+from sshpar.config import local_cluster
 from tests.helpers import interactive, processes_naming, wait_gone, wait_until
 
 #: Bound on every wait for a result or a state in this suite. Generous: only a hang gets near.
@@ -166,6 +168,15 @@ class Clusters:
         path, workdir = self.hosts(*servers, engines=engines, workdir=workdir, **settings)
         return Started(self.client(path, allow_partial=allow_partial), path, workdir)
 
+    def local(self, engines: int = 1) -> p.Client:
+        """A Client of engines on this machine (local transport, no SSH)."""
+        workdir = self.private_workdir()
+        self.workdirs.append(workdir)
+        self._n += 1
+        spec = local_cluster(engines, name=f"faults-{os.getpid()}-{self._n}",
+                               workdir=str(workdir))
+        return self.client(spec)  # type: ignore[arg-type]
+
     def client(self, hosts: Path, **kwargs: Any) -> p.Client:
         """A Client of ``hosts``, shut down at teardown."""
         rc = p.Client(hosts=hosts, **kwargs)
@@ -207,6 +218,63 @@ def clusters(tmp_path: Path) -> Iterator[Clusters]:
         yield c
     finally:
         c.cleanup()
+
+
+# -- Ctrl-C while the main thread waits --------------------------------------------------------
+
+def _blocked_in(ident: int, place: tuple[str, str], leaf: str) -> bool:
+    """Whether thread ``ident`` is blocked in a call named ``leaf`` made inside ``place``
+    (file name, function name)."""
+    frame = sys._current_frames().get(ident)
+    calls = []
+    while frame is not None:
+        calls.append((os.path.basename(frame.f_code.co_filename), frame.f_code.co_name))
+        frame = frame.f_back
+    return bool(calls) and calls[0][1] == leaf and place in calls
+
+
+#: Where a blocking wait sleeps: in AsyncResult.get (through the IO thread), or in a direct
+#: lane's receive (the calling thread reading the engine itself; it sleeps in poll, a C call).
+IN_GET = (("asyncresult.py", "get"), "wait")
+IN_LANE = (("_lane.py", "receive"), "receive")
+
+
+@contextlib.contextmanager
+def ctrl_c_while_waiting(held: Box, where: tuple[tuple[str, str], str] = IN_GET
+                         ) -> Iterator[None]:
+    """Send SIGINT to the main thread (as a terminal's Ctrl-C does) once it is blocked
+    waiting ``where``.
+
+    The task the main thread waits for is held until ``held`` is released, so its wait can
+    only end by the interrupt; a watchdog releases it after WAIT seconds so that a wait the
+    interrupt fails to end ends anyway (and the test fails) instead of hanging.
+    """
+    main = threading.main_thread().ident
+    assert main is not None and main == threading.get_ident()
+    sent = threading.Event()
+    stop = threading.Event()
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + WAIT
+        while not stop.is_set() and time.monotonic() < deadline:
+            if _blocked_in(main, *where):
+                signal.pthread_kill(main, signal.SIGINT)
+                sent.set()
+                return
+            stop.wait(0.005)  # polling the main thread's stack, not a synchronisation
+
+    presser = threading.Thread(target=interrupt, daemon=True)
+    watchdog = threading.Timer(WAIT, held.release)
+    presser.start()
+    watchdog.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watchdog.cancel()
+        presser.join(WAIT)
+        assert sent.is_set(), "Ctrl-C was never pressed: the main thread did not wait"
+        assert not held.done, "the wait ended only when the watchdog released the task"
 
 
 # -- a link that delivers in bursts ------------------------------------------------------------

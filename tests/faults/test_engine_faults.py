@@ -4,13 +4,8 @@ as a specific error, and loses no computed result."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import sys
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +13,7 @@ import pytest
 import sshpar as p
 from tests.helpers import alive, interactive, processes_naming, wait_until
 
-from .conftest import WAIT, Box, hold
+from .conftest import WAIT, ctrl_c_while_waiting, hold
 
 pytestmark = pytest.mark.ssh
 
@@ -213,53 +208,6 @@ def test_restart_on_failure_brings_the_engine_back_until_the_limit(sshd, cluster
 
 
 # -- Ctrl-C while waiting ----------------------------------------------------------------------
-
-def _blocked_in_get(ident: int) -> bool:
-    """Whether thread ``ident`` is blocked waiting inside ``AsyncResult.get``."""
-    frame = sys._current_frames().get(ident)
-    calls = []
-    while frame is not None:
-        calls.append((os.path.basename(frame.f_code.co_filename), frame.f_code.co_name))
-        frame = frame.f_back
-    return bool(calls) and calls[0][1] == "wait" and ("asyncresult.py", "get") in calls
-
-
-@contextlib.contextmanager
-def ctrl_c_while_waiting(held: Box) -> Iterator[None]:
-    """Send SIGINT to the main thread (as a terminal's Ctrl-C does) once it is blocked in
-    ``AsyncResult.get``.
-
-    The task the main thread waits for is held until ``held`` is released, so its wait can
-    only end by the interrupt; a watchdog releases it after WAIT seconds so that a wait the
-    interrupt fails to end ends anyway (and the test fails) instead of hanging.
-    """
-    main = threading.main_thread().ident
-    assert main is not None and main == threading.get_ident()
-    sent = threading.Event()
-    stop = threading.Event()
-
-    def interrupt() -> None:
-        deadline = time.monotonic() + WAIT
-        while not stop.is_set() and time.monotonic() < deadline:
-            if _blocked_in_get(main):
-                signal.pthread_kill(main, signal.SIGINT)
-                sent.set()
-                return
-            stop.wait(0.005)  # polling the main thread's stack, not a synchronisation
-
-    presser = threading.Thread(target=interrupt, daemon=True)
-    watchdog = threading.Timer(WAIT, held.release)
-    presser.start()
-    watchdog.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        watchdog.cancel()
-        presser.join(WAIT)
-        assert sent.is_set(), "Ctrl-C was never pressed: the main thread did not wait in get()"
-        assert not held.done, "the wait ended only when the watchdog released the task"
-
 
 def test_ctrl_c_in_a_blocking_get_returns_and_keeps_the_task(sshd, clusters, box):
     rc = clusters.start(sshd, engines=1).rc
