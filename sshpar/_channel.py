@@ -41,6 +41,7 @@ BATCH_TASKS = 256
 BATCH_BYTES = 256 * 1024
 #: After a direct lane could not be opened, the channel serves blocking calls this long.
 LANE_RETRY = 5.0
+LANE_ATTEMPTS = 3
 #: Results are acknowledged at most this late (seconds), or once this many are waiting.
 ACK_DELAY = 0.05
 ACK_BATCH = 1024
@@ -75,6 +76,7 @@ class EngineChannel:
         self._lane: Lane | None = None
         self._lane_opening = threading.Lock()
         self._lane_retry_at = 0.0
+        self._lane_failures = 0
         self.loop = asyncio.get_running_loop()
 
     @property
@@ -269,18 +271,22 @@ class EngineChannel:
     def _open_lane(self) -> Lane | None:
         if time.monotonic() < self._lane_retry_at:
             return None
-        path = self.host.transport.local_path(self.socket_path)
+        path = self.host.transport.local_path(self.socket_path,
+                                              [ch.socket_path for ch in self.host.channels])
         if path is None:
-            self._lane_retry_at = float("inf")
             return None
         with self._lane_opening:
             if self._lane is None and time.monotonic() >= self._lane_retry_at:
                 try:
-                    self._lane = Lane.connect(self, path, self.host.key)
+                    self._lane = Lane.connect(self, path, self.host.key,
+                                              spin=self.host.transport.on_this_machine)
                 except Exception as exc:  # noqa: BLE001 - the channel serves instead
-                    log.info("%s: no direct lane (%s); trying again in %g s", self.info, exc,
-                             LANE_RETRY)
-                    self._lane_retry_at = time.monotonic() + LANE_RETRY
+                    self._lane_failures += 1
+                    wait = LANE_RETRY if self._lane_failures < LANE_ATTEMPTS else float("inf")
+                    log.info("%s: no direct lane (%s); %s", self.info, exc,
+                             f"trying again in {wait:g} s" if wait < float("inf")
+                             else "blocking calls go through the channel")
+                    self._lane_retry_at = time.monotonic() + wait
             return self._lane
 
     def adopt_lane(self, lane: Lane) -> None:
@@ -306,18 +312,17 @@ class EngineChannel:
 
     def _drain_lane(self, lane: Lane, recs: list[TaskRecord]) -> None:
         try:
-            data = lane.sock.recv(1 << 18)
+            n, frames = lane.parser.receive(lane.sock, lane.scratch)
+            for frame in frames:
+                self._receive(frame)
+            if n:
+                return
         except BlockingIOError:
             return
+        except ProtocolError as exc:
+            log.error("%s: bad frame on a direct lane: %s", self.info, exc)
         except OSError:
-            data = b""
-        if data:
-            try:
-                for frame in lane.parser.feed(data):
-                    self._receive(frame)
-                return
-            except ProtocolError as exc:
-                log.error("%s: bad frame on a direct lane: %s", self.info, exc)
+            pass
         self.loop.remove_reader(lane.sock.fileno())
         lane.close()
         self._settle_lane(recs)

@@ -19,6 +19,7 @@ it, and fetches the rest over the channel: nothing is lost or run twice.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import threading
@@ -37,9 +38,10 @@ if TYPE_CHECKING:
 #: A waiting call looks at its channel's state this often (seconds): a lost engine or a
 #: closed client ends the wait even if the socket says nothing.
 LANE_POLL_MS = 250
-#: A waiting call first looks for its result without sleeping, this long (seconds): waking a
-#: sleeping thread costs tens of microseconds on a virtual machine, as much as the call.
-LANE_SPIN = float(__import__("os").environ.get("SSHPAR_SPIN", "100e-6"))
+#: A waiting call first looks for its result without sleeping, this long (seconds), if the
+#: last answer came that soon: waking a sleeping thread costs tens of microseconds on a
+#: virtual machine, as much as a call. Answers over a real network take longer: no spinning.
+LANE_SPIN = 400e-6
 #: Connecting and the handshake must finish within this (seconds).
 LANE_CONNECT_TIMEOUT = 5.0
 _RECV = 1 << 18
@@ -57,8 +59,9 @@ class Lane:
     """A second connection to one engine, used by one calling thread at a time (``lock``)."""
 
     def __init__(self, channel: EngineChannel, sock: socket.socket, codec: _wire.Codec,
-                 parser: _wire.FrameParser) -> None:
+                 parser: _wire.FrameParser, *, spin: bool) -> None:
         self.channel = channel
+        self.spin = spin
         self.sock = sock
         self.codec = codec
         self.parser = parser
@@ -68,14 +71,17 @@ class Lane:
         self._acks: list[str] = []       # results taken; acknowledged with the next call
         self._ack_now = False
         self._waiting: dict[str, TaskRecord] = {}
+        self.scratch = memoryview(bytearray(_RECV))
+        self._last_wait = 0.0    # from sending the last call to its answer (seconds)
         self._poll = select.poll()
         self._poll.register(sock, select.POLLIN)
         self._poll_out = select.poll()
         self._poll_out.register(sock, select.POLLOUT)
 
     @classmethod
-    def connect(cls, channel: EngineChannel, path: str, key: bytes) -> Lane:
-        """Connect to the engine socket at ``path`` and prove ``key`` (blocking, bounded)."""
+    def connect(cls, channel: EngineChannel, path: str, key: bytes, *, spin: bool) -> Lane:
+        """Connect to the engine socket at ``path`` and prove ``key`` (blocking, bounded);
+        ``spin``: the engine runs on this machine (see LANE_SPIN)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(LANE_CONNECT_TIMEOUT)
@@ -97,7 +103,7 @@ class Lane:
         except BaseException:
             sock.close()
             raise
-        return cls(channel, sock, codec, parser)
+        return cls(channel, sock, codec, parser, spin=spin)
 
     # -- a call (the thread holding ``lock``) -------------------------------------------------
     def send(self, rec: TaskRecord, meta: dict, payload: list) -> None:
@@ -105,6 +111,8 @@ class Lane:
         rec.request = (meta, payload)     # as the channel keeps it: resent if never received
         self._waiting[rec.msg_id] = rec
         meta, payload = self._refs.compact(meta, payload)
+        if self.spin:
+            meta = dict(meta, spin=True)
         if self._acks:
             meta = dict(meta, ack=self._acks)
             self._acks = []
@@ -112,26 +120,24 @@ class Lane:
 
     def receive(self) -> None:
         """Wait until every task sent has its result (finishing their records)."""
-        spin_until = time.perf_counter() + LANE_SPIN
+        sent = time.perf_counter()
+        spin_until = sent + (LANE_SPIN if self._last_wait < LANE_SPIN else 0.0)
         while self._waiting:
-            target = self.parser.big_target()
             try:
-                if target is not None:  # an array: straight into its buffer
-                    n = self.sock.recv_into(target)
-                    frames = self.parser.filled(n) if n else None
-                else:
-                    data = self.sock.recv(_RECV)
-                    frames = self.parser.feed(data) if data else None
+                n, frames = self.parser.receive(self.sock, self.scratch)
             except BlockingIOError:
-                if time.perf_counter() >= spin_until and not self._poll.poll(LANE_POLL_MS):
+                if time.perf_counter() < spin_until:
+                    os.sched_yield()  # whatever else is ready to run here (ssh) goes first
+                elif not self._poll.poll(LANE_POLL_MS):
                     self._check_channel()
                 continue
             except OSError as exc:
                 raise LaneBroken(f"the lane broke: {exc}") from exc
-            if frames is None:
+            if not n:
                 raise LaneBroken("the engine closed the lane")
             for frame in frames:
                 self.take(frame)
+        self._last_wait = time.perf_counter() - sent
         if self._ack_now:  # let the engine free a large result now, not at the next call
             self._ack_now = False
             self._send_all(self.codec.encode(_wire.Kind.CONTROL,
@@ -207,7 +213,7 @@ class Lane:
 
 
 def _recv_some(sock: socket.socket) -> bytes:
-    data = sock.recv(_RECV)
+    data = sock.recv(1 << 16)
     if not data:
         raise ProtocolError("the engine closed a direct lane during the handshake")
     return data

@@ -328,6 +328,18 @@ class FrameParser:
             self._step(frames)
         return frames
 
+    def receive(self, sock: Any, scratch: memoryview) -> tuple[int, list[Frame]]:
+        """Read once from ``sock`` and return (bytes read, frames completed); 0 at the end.
+
+        Into the large segment being filled if there is one, else into ``scratch``, a buffer
+        the caller reuses: a fresh 256 KiB ``recv`` would cost an mmap and munmap each time."""
+        target = self.big_target()
+        if target is not None:  # an array: straight into its buffer, no copy
+            n = sock.recv_into(target, min(len(target), 4 << 20))
+            return n, self.filled(n) if n else []
+        n = sock.recv_into(scratch)
+        return n, self.feed(scratch[:n]) if n else []
+
     def big_target(self) -> memoryview | None:
         """While a large segment is being filled: the part still empty, to receive into
         directly (``sock.recv_into``), then report with :meth:`filled`. Else None."""

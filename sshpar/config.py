@@ -61,6 +61,7 @@ class HostSpec:
     connect_timeout: float = 10.0
     heartbeat_interval: float = 2.0
     lost_after: float = 30.0
+    openssh_lane: bool = True
     line: int = 0
 
     @property
@@ -309,6 +310,7 @@ _CHECKS: dict[str, _Check] = {
     "heartbeat_interval": _expect("a number of seconds > 0", lambda v: _number(v) and v > 0,
                                   float),
     "lost_after": _expect("a number of seconds > 0", lambda v: _number(v) and v > 0, float),
+    "openssh_lane": _expect("true or false", lambda v: isinstance(v, bool)),
 }
 
 

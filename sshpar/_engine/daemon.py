@@ -40,9 +40,9 @@ SENTRY_NAP = 1.0
 RESULT_DELAY = 0.002
 #: While tasks are queued, the socket is looked at between two of them at least this often.
 POLL_GAP = 0.0005
-#: After a task, the engine looks for the next one this long before it sleeps (seconds), if
-#: the last one came that soon.
-SPIN = float(os.environ.get("SSHPAR_ESPIN", "200e-6"))
+#: After a task whose client asked (``spin`` in its meta), the engine looks for the next one
+#: this long before it sleeps (seconds).
+SPIN = 200e-6
 #: An interrupt that finds the task outside user code (still unpickling) is retried this long.
 INTERRUPT_RETRY = 2.0
 
@@ -68,8 +68,6 @@ class Daemon:
         self.started_at = time.time()
         self.done_count = 0
         self._spin_until = 0.0
-        self._finished_at = 0.0
-        self._last_gap = 0.0   # from the end of a task to the next task's arrival (seconds)
         self._idle_deadline: float | None = None
         # shared with the sentry
         self.busy: Task | None = None
@@ -141,10 +139,9 @@ class Daemon:
         self.results[task.msg_id] = task
         self.done_count += 1
         now = time.monotonic()
-        self._finished_at = now
-        # spin only for a client whose next call came within SPIN last time (a local loop),
-        # not for one that answers more slowly (through SSH): there it would only burn CPU
-        self._spin_until = now + SPIN if self._last_gap < SPIN else 0.0
+        # Only a client on this machine asks for it (a direct lane, see _lane.py): through
+        # SSH the next call comes later, and spinning would take CPU from sshd and the client.
+        self._spin_until = now + SPIN if task.meta.get("spin") else 0.0
         self._send_output(task)
         self._send_result(task, task.owner)
 
@@ -312,8 +309,6 @@ class Daemon:
     def _dispatch(self, frame: _wire.Frame, conn: Conn) -> None:
         meta = frame.meta
         if frame.kind is _wire.Kind.TASK:
-            if not self.ready and self.busy is None:
-                self._last_gap = time.monotonic() - self._finished_at
             acks = meta.get("ack", [])
             if not isinstance(acks, list) or not all(isinstance(a, str) for a in acks):
                 raise ProtocolError("TASK frame with malformed acks")

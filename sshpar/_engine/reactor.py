@@ -181,6 +181,7 @@ class Reactor:
                  on_frame: Callable[[_wire.Frame, Conn], None],
                  on_close: Callable[[Conn], None]) -> None:
         self.key = key
+        self._scratch = memoryview(bytearray(_RECV))  # reused by every read: see receive()
         self.on_connect = on_connect
         self.on_frame = on_frame
         self.on_close = on_close
@@ -256,21 +257,14 @@ class Reactor:
         budget = _READ_BUDGET
         try:
             while budget > 0 and conn.open:
-                target = parser.big_target()
-                if target is not None:  # an array: straight into its buffer, no copy
-                    n = sock.recv_into(target, min(len(target), 4 << 20))
-                    frames = parser.filled(n) if n else []
-                else:
-                    data = sock.recv(_RECV)
-                    n = len(data)
-                    frames = parser.feed(data) if n else []
+                n, frames = parser.receive(sock, self._scratch)
                 if not n:
                     self.close(conn, "the client closed the connection")
                     return
                 budget -= n
                 for frame in frames:
                     self.on_frame(frame, conn)
-                if target is None and n < _RECV:  # drained: saves a recv that would fail
+                if n < _RECV:  # drained (or a segment filled): saves a recv that would fail
                     return
         except (BlockingIOError, InterruptedError):
             return

@@ -10,12 +10,15 @@ import logging
 import os
 import shlex
 import socket
+import threading
+from collections.abc import Sequence
 from typing import Any
 
 import asyncssh
 
 from ..config import HostSpec
 from ..errors import ConnectTimeoutError, HostError, HostUnreachableError
+from . import openssh
 from .base import (
     CommandResult,
     ForwardingRefused,
@@ -91,12 +94,16 @@ class AsyncsshTransport(Transport):
         self._jumps: list[asyncssh.SSHClientConnection] = []
         self._keeper: Any = None
         self._streamlocal_refused = False
+        self._forwarder: openssh.Forwarder | None = None   # for direct lanes
+        self._forward_tried = False
+        self._forward_lock = threading.Lock()
 
     @property
     def is_connected(self) -> bool:
         return self._conn is not None and not self._conn.is_closed()
 
     async def connect(self) -> None:
+        self._stop_forwarder()  # after a reconnect, the next blocking call starts a new one
         opts = connect_options(self.spec)
         tunnel = None
         # Each ProxyJump hop is a connection of ours, its host key checked like the target's.
@@ -181,7 +188,32 @@ class AsyncsshTransport(Transport):
             raise _map_error(self.spec, exc) from exc
         return proc.stdout, proc.stdin  # type: ignore[return-value]
 
+    def local_path(self, path: str, siblings: Sequence[str] = ()) -> str | None:
+        fw = self._forwarder
+        if fw is not None:
+            return fw.local_path(path)
+        if self._forward_tried:
+            return None
+        with self._forward_lock:
+            if not self._forward_tried:
+                self._forward_tried = True
+                if openssh.usable(self.spec):
+                    try:
+                        self._forwarder = openssh.Forwarder(self.spec, list(siblings) or [path])
+                    except OSError as exc:
+                        log.info("%s: could not start the OpenSSH forwarder (%s)",
+                                 self.label, exc)
+        return None
+
+    def _stop_forwarder(self) -> None:
+        with self._forward_lock:
+            fw, self._forwarder = self._forwarder, None
+            self._forward_tried = False
+        if fw is not None:
+            fw.close()
+
     async def close(self) -> None:
+        self._stop_forwarder()
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()

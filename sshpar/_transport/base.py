@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ..config import HostSpec
@@ -104,6 +104,8 @@ class Transport(abc.ABC):
 
     #: Whether streams to Unix sockets are possible at all (else relay over exec).
     supports_unix_streams = True
+    #: Whether the host is this machine (the local transport).
+    on_this_machine = False
 
     def __init__(self, spec: HostSpec) -> None:
         self.spec = spec
@@ -124,9 +126,10 @@ class Transport(abc.ABC):
     async def open_unix(self, path: str) -> tuple[StreamReader, StreamWriter]:
         """A byte stream to the Unix socket ``path`` on the host (raise ForwardingRefused)."""
 
-    def local_path(self, path: str) -> str | None:
+    def local_path(self, path: str, siblings: Sequence[str] = ()) -> str | None:
         """A path on this machine that reaches the host's Unix socket ``path`` as a plain
-        socket (for direct lanes), or None where streams go through the transport."""
+        socket (for direct lanes, see _lane.py), or None (not here, or not yet: a backend
+        may start providing one for ``path`` and its ``siblings`` on the first ask)."""
         return None
 
     def note_forwarding_refused(self) -> None:  # noqa: B027 - optional for backends

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import Sequence
 
 from ..errors import ConnectTimeoutError
 from .base import CommandResult, PushReader, StreamReader, StreamWriter, Transport
@@ -15,6 +16,8 @@ _SHELL = shutil.which("bash") or "/bin/sh"
 
 
 class LocalTransport(Transport):
+    on_this_machine = True
+
     def __init__(self, spec) -> None:  # type: ignore[no-untyped-def]
         super().__init__(spec)
         self._open = False
@@ -49,7 +52,7 @@ class LocalTransport(Transport):
         transport, _ = await loop.create_unix_connection(lambda: protocol, path)
         return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
-    def local_path(self, path: str) -> str | None:
+    def local_path(self, path: str, siblings: Sequence[str] = ()) -> str | None:
         return path
 
     async def open_exec(self, command: str) -> tuple[StreamReader, StreamWriter]:
