@@ -98,6 +98,7 @@ hosts:
     restart: "no"
     restart_limit: 0
     connect_timeout: 30
+    openssh_lane: false
   - node2
 """
 
@@ -125,6 +126,7 @@ def test_full_file_sets_every_field(tmp_path: Path, _home: Path) -> None:
         restart="no",
         restart_limit=0,
         connect_timeout=30.0,
+        openssh_lane=False,
         line=20,
     )
     assert spec.hosts[1] == HostSpec(
@@ -145,7 +147,7 @@ def test_full_file_sets_every_field(tmp_path: Path, _home: Path) -> None:
         restart="on-failure",
         restart_limit=5,
         connect_timeout=2.5,
-        line=40,
+        line=41,
     )
     assert isinstance(spec.hosts[1].idle_timeout, float)
     assert isinstance(spec.hosts[1].connect_timeout, float)
@@ -406,6 +408,8 @@ ERRORS = [
                  "'idle_timeout' must be a number of seconds >= 0, got -1", id="idle-negative"),
     pytest.param("defaults:\n  connect_timeout: 0\nhosts: [a]\n", 2, "connect_timeout",
                  "must be a number of seconds > 0, got 0", id="connect-zero"),
+    pytest.param("defaults:\n  openssh_lane: \"yes\"\nhosts: [a]\n", 2, "openssh_lane",
+                 "'openssh_lane' must be true or false, got 'yes'", id="openssh-lane-text"),
     pytest.param("defaults:\n  python: ''\nhosts: [a]\n", 2, "python",
                  "'python' must be a non-empty string, got ''", id="python-empty"),
     pytest.param("defaults:\n  python:\nhosts: [a]\n", 2, "python", "got null",
