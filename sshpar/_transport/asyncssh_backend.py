@@ -20,6 +20,8 @@ from ..config import HostSpec
 from ..errors import ConnectTimeoutError, HostError, HostUnreachableError
 from . import openssh
 from .base import (
+    ENCRYPTION_ALGS,
+    KEX_ALGS,
     CommandResult,
     ForwardingRefused,
     PushReader,
@@ -35,13 +37,6 @@ from .base import (
 
 log = logging.getLogger("sshpar.transport")
 
-# Chosen, not defaulted: curve25519 first (OpenSSH's post-quantum default costs ~0.1 s per
-# connect, measured), AES-GCM first (fastest bulk with AES-NI), no compression (arrays are
-# mostly incompressible and compression costs latency).
-KEX_ALGS = ["curve25519-sha256", "curve25519-sha256@libssh.org", "ecdh-sha2-nistp256",
-            "diffie-hellman-group14-sha256"]
-ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
-                   "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr"]
 KEEPALIVE_INTERVAL = 15
 KEEPALIVE_COUNT_MAX = 4
 

@@ -27,6 +27,7 @@ import tempfile
 import threading
 
 from ..config import HostSpec
+from .base import ENCRYPTION_ALGS, KEX_ALGS
 
 log = logging.getLogger("sshpar.transport")
 
@@ -50,7 +51,10 @@ def command(spec: HostSpec, forwards: dict[str, str]) -> list[str]:
             "-o", "ControlPath=none", "-o", "StreamLocalBindUnlink=yes",
             "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4",
             "-o", f"ConnectTimeout={max(1, round(spec.connect_timeout))}",
-            "-o", "PermitLocalCommand=yes", "-o", f"LocalCommand=echo {READY.decode()}"]
+            "-o", "PermitLocalCommand=yes", "-o", f"LocalCommand=echo {READY.decode()}",
+            # the algorithms the asyncssh connection prefers, for the same reasons
+            "-o", f"KexAlgorithms={','.join(KEX_ALGS)}",
+            "-o", f"Ciphers={','.join(ENCRYPTION_ALGS)}"]
     if spec.known_hosts is not None:
         argv += ["-o", f"UserKnownHostsFile={os.path.expanduser(spec.known_hosts)}"]
     if spec.port is not None:
