@@ -470,6 +470,11 @@ class EngineChannel:
         else:
             raise ProtocolError(f"unexpected {kind.name} frame from an engine")
 
+    def ack_now(self, ids: list[str]) -> None:
+        """Acknowledge results now (loop thread): large ones a lane took."""
+        self._acks.extend(ids)
+        self._send_acks()
+
     def _queue_acks(self, ids: list[str]) -> None:
         if not ids:
             return

@@ -138,10 +138,13 @@ class Lane:
             for frame in frames:
                 self.take(frame)
         self._last_wait = time.perf_counter() - sent
-        if self._ack_now:  # let the engine free a large result now, not at the next call
-            self._ack_now = False
-            self._send_all(self.codec.encode(_wire.Kind.CONTROL,
-                                             {"op": "ack", "msg_ids": self.take_acks()}))
+        if self._ack_now:  # let the engine free a large result now, not at the next call:
+            self._ack_now = False  # over the channel (a second write here could wait on Nagle)
+            acks = self.take_acks()
+            try:
+                self.channel.loop.call_soon_threadsafe(self.channel.ack_now, acks)
+            except RuntimeError:  # the client is closing: they go with the lane's close
+                self._acks = acks
 
     def take(self, frame: _wire.Frame) -> None:
         """Handle one frame from the engine (results and output of this lane's tasks)."""
