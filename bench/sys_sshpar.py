@@ -71,9 +71,22 @@ def cluster(env: Env, p: dict, engines: int = 2) -> Iterator[Any]:
     try:
         if len(rc.ids) != engines:
             raise RuntimeError(f"{len(rc.ids)} engines started, {engines} asked for")
+        _wait_for_lanes(rc)
         yield rc
     finally:
         _shutdown(rc)
+
+
+def _wait_for_lanes(rc: Any, bound: float = 10.0) -> None:
+    """Warm-up: blocking calls until each engine serves a direct lane (over SSH the first
+    one starts the OpenSSH forwarder, ready ~0.2 s later), so that steady-state figures are
+    measured; bounded, and not fatal (the figures then say what users get without one)."""
+    deadline = time.monotonic() + bound
+    for eid in rc.ids:
+        while time.monotonic() < deadline:
+            rc[eid].apply_sync(tasks.noop)
+            if rc.engine_status()[eid]["clients"] >= 2:
+                break
 
 
 def _io_loop(rc: Any) -> Any:
