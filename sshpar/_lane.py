@@ -5,9 +5,10 @@ Layer: core (client only). Imports _wire, _stream and errors; the channel owns i
 A round trip through the IO thread wakes four threads in turn (caller -> IO thread -> engine
 -> IO thread -> caller), and on a small machine each wake-up costs about as much as the work.
 Where an engine's socket is reachable as a plain Unix socket on this machine (the local
-transport), a blocking call to idle engines (``apply_sync``, ``execute``, ``push``/``pull``
-with ``block=True``) goes over a second connection instead, which the calling thread writes
-and reads itself: caller -> engine -> caller.
+transport's own socket; over SSH, the local end of an OpenSSH forwarder, see
+``_transport/openssh.py``), a blocking call to idle engines (``apply_sync``, ``execute``,
+``push``/``pull`` with ``block=True``) goes over a second connection instead, which the
+calling thread writes and reads itself: caller -> engine -> caller.
 
 The engine sees one more client; nothing changes there. The lane is used only when its
 engine has nothing else pending from this client (so tasks still run in the order they were
@@ -80,8 +81,9 @@ class Lane:
 
     @classmethod
     def connect(cls, channel: EngineChannel, path: str, key: bytes, *, spin: bool) -> Lane:
-        """Connect to the engine socket at ``path`` and prove ``key`` (blocking, bounded);
-        ``spin``: the engine runs on this machine (see LANE_SPIN)."""
+        """Connect to the engine socket at ``path`` and prove ``key`` (blocking, bounded).
+        ``spin``: the engine runs on this machine, so each call asks it to look for the next
+        one before it sleeps (the engine's ``SPIN``)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(LANE_CONNECT_TIMEOUT)

@@ -91,6 +91,7 @@ class AsyncsshTransport(Transport):
         self._streamlocal_refused = False
         self._forwarder: openssh.Forwarder | None = None   # for direct lanes
         self._forward_tried = False
+        self._forward_asks = 0       # blocking calls that asked for a lane so far
         self._forward_lock = threading.Lock()
 
     @property
@@ -190,7 +191,9 @@ class AsyncsshTransport(Transport):
         if self._forward_tried:
             return None
         with self._forward_lock:
-            if not self._forward_tried:
+            self._forward_asks += 1
+            # Not for a one-off call: a forwarder is one more login on the host.
+            if not self._forward_tried and self._forward_asks >= openssh.START_AFTER:
                 self._forward_tried = True
                 if openssh.usable(self.spec):
                     try:
@@ -204,6 +207,7 @@ class AsyncsshTransport(Transport):
         with self._forward_lock:
             fw, self._forwarder = self._forwarder, None
             self._forward_tried = False
+            self._forward_asks = 0
         if fw is not None:
             fw.close()
 

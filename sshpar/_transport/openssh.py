@@ -8,8 +8,8 @@ Unix socket in a private (0700) directory here to each engine's socket on the ho
 (``-L local:remote``: the same streamlocal forwarding the asyncssh channels use). The calling
 thread then reads and writes a plain socket, and the encryption runs in C, in another process.
 
-The forwarder starts on the first blocking call to the host and is used once it reports its
-sockets bound (until then calls go through the channel, as they do if it fails; logged). It
+The forwarder starts at the third blocking call to the host (a one-off call is not worth
+another login) and is used once it reports its sockets bound (until then calls go through the channel, as they do if it fails; logged). It
 logs in as the asyncssh connection does (port, user, identity files, ``~/.ssh/config``), with
 no prompts (``BatchMode``) and the same known_hosts file, strictly checked: it is not used
 with ``known_hosts: none`` or a ``proxy_jump``, or when the host sets ``openssh_lane: false``.
@@ -31,6 +31,8 @@ from .base import ENCRYPTION_ALGS, KEX_ALGS
 
 log = logging.getLogger("sshpar.transport")
 
+#: The forwarder starts with this many blocking calls to the host (none for a one-off call).
+START_AFTER = 3
 #: What the forwarder prints (its LocalCommand) once it is logged in and its sockets bound.
 READY = b"sshpar-forwarder-ready"
 #: How long close() waits for the process to exit after SIGTERM (seconds).
