@@ -51,6 +51,8 @@ def dumps(obj: Any, *, what: str = "object", code_files: set[str] | None = None)
     Raises:
         SerializationError: ``obj`` (named by ``what`` in the message) cannot be pickled.
     """
+    if type(obj) in _PLAIN or (type(obj) is tuple and _all_plain(obj)):
+        return [pickle.dumps(obj, protocol=PROTOCOL)]  # what cloudpickle writes, sooner
     buffers: list[pickle.PickleBuffer] = []
     try:
         if code_files is None:
@@ -63,6 +65,27 @@ def dumps(obj: Any, *, what: str = "object", code_files: set[str] | None = None)
         raise SerializationError(
             f"cannot pickle {what}: {type(exc).__name__}: {exc}") from exc
     return [data, *(b.raw() for b in buffers)]
+
+
+#: Types that plain pickle writes exactly as cloudpickle does, with nothing out of band.
+_PLAIN = frozenset({type(None), bool, int, float, complex, str})
+
+
+def _all_plain(items: tuple) -> bool:
+    """Whether a small tuple holds only _PLAIN values, or (args, kwargs) pairs of them."""
+    if len(items) > 16:
+        return False
+    for item in items:
+        kind = type(item)
+        if kind in _PLAIN:
+            continue
+        if kind is tuple and _all_plain(item):
+            continue
+        if kind is dict and len(item) <= 16 and all(
+                type(k) is str and type(v) in _PLAIN for k, v in item.items()):
+            continue
+        return False
+    return True
 
 
 def dumps_call(f: Callable, args: tuple, kwargs: dict, *, what: str,

@@ -9,7 +9,8 @@ Unix socket in a private (0700) directory here to each engine's socket on the ho
 thread then reads and writes a plain socket, and the encryption runs in C, in another process.
 
 The forwarder starts at the third blocking call to the host (a one-off call is not worth
-another login) and is used once it reports its sockets bound (until then calls go through the channel, as they do if it fails; logged). It
+another login) and is used once it reports its sockets bound (until then calls go through
+the channel, as they do if it fails; logged). It
 logs in as the asyncssh connection does (port, user, identity files, ``~/.ssh/config``), with
 no prompts (``BatchMode``) and the same known_hosts file, strictly checked: it is not used
 with ``known_hosts: none`` or a ``proxy_jump``, or when the host sets ``openssh_lane: false``.
