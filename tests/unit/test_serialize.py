@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import cloudpickle
 import pytest
 
 from sshpar import _serialize
@@ -104,3 +105,20 @@ def test_code_files_are_reported_on_every_call_even_when_reused() -> None:
         files: set[str] = set()
         _serialize.dumps_call(ns["f"], (), {}, what="f", code_files=files)
         assert files == {"<user script>"}
+
+
+@pytest.mark.parametrize("value", [None, True, 7, 10**40, -0.0, 2.5, 1 + 2j, "text", "",
+                                   (1, "a", None), ((1, 2.0), {"k": "v"}), ((), {})])
+def test_plain_values_pickle_to_the_same_bytes_as_cloudpickle(value) -> None:
+    assert _serialize.dumps(value) == [cloudpickle.dumps(value, protocol=5)]
+    assert _serialize.loads(_serialize.dumps(value)) == value
+
+
+def test_values_that_are_not_plain_still_go_through_cloudpickle() -> None:
+    import numpy
+
+    a = numpy.arange(1000.0)
+    segments = _serialize.dumps((a, {"k": [1, 2]}))
+    assert len(segments) == 2                       # the array's buffer out of band
+    back, d = _serialize.loads(segments)
+    assert numpy.array_equal(back, a) and d == {"k": [1, 2]}
