@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import _wire
 from ._stream import FunctionRefs
@@ -46,7 +46,7 @@ LANE_SPIN = 400e-6
 #: Connecting and the handshake must finish within this (seconds).
 LANE_CONNECT_TIMEOUT = 5.0
 _RECV = 1 << 18
-_WRITE = 1 << 20
+_WRITE = 1 << 18  # signed and written in pieces this large
 #: A result at least this large is acknowledged at once (the engine holds it until then);
 #: smaller ones ride on the next call.
 ACK_AT_ONCE = 64 * 1024
@@ -118,7 +118,7 @@ class Lane:
         if self._acks:
             meta = dict(meta, ack=self._acks)
             self._acks = []
-        self._send_all(self.codec.encode(_wire.Kind.TASK, meta, payload))
+        self._send_all(self.codec.encode(_wire.Kind.TASK, meta, payload, sign_as_sent=True))
 
     def receive(self) -> None:
         """Wait until every task sent has its result (finishing their records)."""
@@ -172,12 +172,14 @@ class Lane:
         waiting, self._waiting = self._waiting, {}
         return list(waiting.values())
 
-    def _send_all(self, bufs: Sequence[Any]) -> None:
-        for buf in bufs:
-            view = memoryview(buf).cast("B")
+    def _send_all(self, bufs: list) -> None:
+        """Write a frame; a large one is signed piece by piece as it goes (see signed_pieces),
+        so the forwarder and the engine work on a piece while the next one is signed."""
+        for piece in _wire.signed_pieces(bufs, _WRITE):
+            view = memoryview(piece).cast("B")
             while view:
                 try:
-                    n = self.sock.send(view[:_WRITE])
+                    n = self.sock.send(view)
                 except BlockingIOError:
                     if not self._poll_out.poll(LANE_POLL_MS):
                         self._check_channel()

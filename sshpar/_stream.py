@@ -22,13 +22,13 @@ from ._wire import (
     FrameParser,
     Kind,
     Reader,
-    Signature,
     Writer,
     buffer_size,
     client_answer,
     client_verify,
     finish_signature,
     function_digest,
+    signed_pieces,
 )
 from .errors import ProtocolError
 
@@ -116,19 +116,9 @@ class FrameSender:
     async def _run_pump(self) -> None:
         try:
             while self._queue:
-                bufs = self._queue.popleft()
-                signature = bufs[-1] if isinstance(bufs[-1], Signature) else None
-                for i, buf in enumerate(bufs):
-                    if buf is signature:
-                        self.writer.write(signature.mac.digest())
-                        continue
-                    view = memoryview(buf).cast("B")
-                    for start in range(0, len(view), _WRITE_CHUNK):
-                        chunk = view[start:start + _WRITE_CHUNK]
-                        if signature is not None and i > 0:  # the header is signed already
-                            signature.mac.update(chunk)
-                        self.writer.write(chunk)
-                        await self.writer.drain()
+                for piece in signed_pieces(self._queue.popleft(), _WRITE_CHUNK):
+                    self.writer.write(piece)
+                    await self.writer.drain()
         except Exception as exc:  # the stream broke; the reader side reports it
             self.error = exc
             self._queue.clear()

@@ -28,7 +28,7 @@ import mmap
 import os
 import pickle
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 from .errors import ProtocolError
@@ -118,6 +118,23 @@ def finish_signature(bufs: list) -> list:
             mac.update(view)
         bufs[-1] = mac.digest()
     return bufs
+
+
+def signed_pieces(bufs: list, size: int) -> Iterator[Any]:
+    """A frame from :meth:`Codec.encode` (``sign_as_sent=True``) as pieces of at most
+    ``size`` bytes, to write in order. A large frame's MAC is fed each piece as it is handed
+    out and comes last, so signing overlaps with whoever moves the pieces on."""
+    signature = bufs[-1] if isinstance(bufs[-1], Signature) else None
+    for i, buf in enumerate(bufs):
+        if buf is signature:
+            yield signature.mac.digest()
+            continue
+        view = memoryview(buf).cast("B")
+        for start in range(0, len(view), size):
+            piece = view[start:start + size]
+            if signature is not None and i > 0:  # the header is signed already
+                signature.mac.update(piece)
+            yield piece
 
 
 def buffer_size(buf: Any) -> int:
