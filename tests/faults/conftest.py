@@ -220,6 +220,21 @@ def clusters(tmp_path: Path) -> Iterator[Clusters]:
         c.cleanup()
 
 
+def in_thread(fn: Callable[..., Any], *args: Any) -> tuple[threading.Thread, list]:
+    """Start ``fn(*args)`` in a thread; the list gets what it returned or raised."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - the outcome is what is tested
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
 # -- Ctrl-C while the main thread waits --------------------------------------------------------
 
 def _blocked_in(ident: int, place: tuple[str, str], leaf: str) -> bool:

@@ -6,7 +6,6 @@ interrupted, the engine killed, the client closed under it."""
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy
 import pytest
@@ -14,7 +13,7 @@ import pytest
 import sshpar as p
 from tests.helpers import interactive
 
-from .conftest import IN_LANE, WAIT, ctrl_c_while_waiting, hold
+from .conftest import IN_LANE, WAIT, ctrl_c_while_waiting, hold, in_thread
 
 _FNS = interactive("""
     def pid_and(value):
@@ -109,16 +108,7 @@ def test_closing_the_client_ends_a_lane_call_in_another_thread(clusters, box):
     rc = clusters.local(engines=1)
     rc[0].apply_sync(_FNS["pid_and"], 0)
     job = box("job")
-    outcome: list[BaseException | object] = []
-
-    def call() -> None:
-        try:
-            outcome.append(rc[0].apply_sync(hold, str(job), "late"))
-        except BaseException as exc:  # noqa: BLE001 - the outcome is what is tested
-            outcome.append(exc)
-
-    caller = threading.Thread(target=call)
-    caller.start()
+    caller, outcome = in_thread(rc[0].apply_sync, hold, str(job), "late")
     job.wait_started()
     rc.close()
     caller.join(WAIT)
@@ -143,16 +133,7 @@ def test_an_interrupt_reaches_the_task_of_a_lane_call(clusters, box):
     rc = clusters.local(engines=1)
     rc[0].apply_sync(_FNS["pid_and"], 0)
     job = box("job")
-    outcome: list[BaseException | object] = []
-
-    def call() -> None:
-        try:
-            outcome.append(rc[0].apply_sync(hold, str(job), "late"))
-        except BaseException as exc:  # noqa: BLE001
-            outcome.append(exc)
-
-    caller = threading.Thread(target=call)
-    caller.start()
+    caller, outcome = in_thread(rc[0].apply_sync, hold, str(job), "late")
     job.wait_started()
     rc[0].interrupt()
     caller.join(WAIT)

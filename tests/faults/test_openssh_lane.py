@@ -13,7 +13,6 @@ import stat
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import numpy
@@ -21,7 +20,7 @@ import pytest
 
 from tests.helpers import alive, interactive, processes_naming, wait_gone, wait_until
 
-from .conftest import TASK_SOURCE, WAIT, hold
+from .conftest import TASK_SOURCE, WAIT, hold, in_thread
 
 pytestmark = pytest.mark.ssh
 
@@ -113,16 +112,7 @@ def test_a_killed_forwarder_loses_no_call(sshd, clusters, box):
     _wait_for_lane(rc)
     [fw] = _forwarders(started.workdir)
     job = box("job")
-    outcome: list[object] = []
-
-    def call() -> None:
-        try:
-            outcome.append(rc[0].apply_sync(hold, str(job), 7))
-        except BaseException as exc:  # noqa: BLE001 - the outcome is what is tested
-            outcome.append(exc)
-
-    caller = threading.Thread(target=call)
-    caller.start()
+    caller, outcome = in_thread(rc[0].apply_sync, hold, str(job), 7)
     job.wait_started()
     os.kill(fw, signal.SIGKILL)
     job.release()
