@@ -73,12 +73,46 @@ def command(spec: HostSpec, forwards: dict[str, str]) -> list[str]:
     return [*argv, "--", spec.host, "exec cat >/dev/null"]
 
 
+_PREFIX = "sshpar-fw-"
+
+
+def _sweep() -> None:
+    """Remove the socket directories of forwarders whose client died without closing them
+    (the forwarder itself exits with its client: see the module's doc). Ours only."""
+    base = tempfile.gettempdir()
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(_PREFIX):
+            continue
+        try:
+            pid = int(entry.name[len(_PREFIX):].split("-", 1)[0])
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid() or _alive(pid):
+                continue
+        except (ValueError, OSError):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Forwarder:
     """One ``ssh -L`` process for one host. Thread-safe; never blocks a caller for long."""
 
     def __init__(self, spec: HostSpec, remotes: list[str]) -> None:
         self.spec = spec
-        self.dir = tempfile.mkdtemp(prefix="sshpar-fw-")  # 0700
+        _sweep()
+        self.dir = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")  # 0700
         self.paths = {remote: os.path.join(self.dir, f"{i}.sock")
                       for i, remote in enumerate(remotes)}
         self._errors = open(os.path.join(self.dir, "ssh.log"), "wb")  # noqa: SIM115

@@ -41,6 +41,12 @@ def _forwarders(workdir: Path) -> list[int]:
     return [pid for pid in processes_naming(workdir) if _argv(pid)[:2] == ["ssh", "-T"]]
 
 
+def _local_sockets(fw: int) -> Path:
+    """The directory of a forwarder's local sockets (from its first -L)."""
+    argv = _argv(fw)
+    return Path(argv[argv.index("-L") + 1].split(":")[0]).parent
+
+
 def _lane_in_use(rc, eid: int = 0) -> bool:
     """Make a blocking call; then whether the engine serves our lane besides the channel."""
     assert rc[eid].apply_sync(pid_and, eid) == (rc.engine_info[eid].pid, eid)
@@ -63,6 +69,7 @@ def test_blocking_calls_go_through_openssh_with_strict_host_keys(sshd, clusters)
     forwards = [argv[i + 1] for i, a in enumerate(argv) if a == "-L"]
     assert len(forwards) == 2
     local = Path(forwards[0].split(":")[0])
+    assert local.parent == _local_sockets(fw)
     assert stat.S_IMODE(local.parent.stat().st_mode) == 0o700
     assert stat.S_IMODE(local.stat().st_mode) == 0o600
     secret = rc._cluster.key.hex()
@@ -149,8 +156,13 @@ def test_a_killed_client_takes_its_forwarder_along(sshd, clusters, box):
         proc.stdin.close()
         engine = json.loads(proc.stdout.readline())["engine"]
         [fw] = _forwarders(workdir)
+        sockets = _local_sockets(fw)
     finally:
         proc.kill()
         proc.wait(WAIT)
     wait_gone([fw])                                       # its stdin closed with the client
     assert alive(engine)                                  # engines carry on, as ever
+    assert sockets.exists()                               # nobody was left to remove it...
+    rc = clusters.client(hosts)                           # ...until the next forwarder starts
+    _wait_for_lane(rc)
+    assert not sockets.exists()
