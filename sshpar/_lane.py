@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 #: closed client ends the wait even if the socket says nothing.
 LANE_POLL_MS = 250
 #: A waiting call first looks for its result without sleeping, this long (seconds), if the
-#: last answer came that soon: waking a sleeping thread costs tens of microseconds on a
-#: virtual machine, as much as a call. Answers over a real network take longer: no spinning.
+#: last answer came within twice that: waking a sleeping thread costs tens of microseconds on
+#: a virtual machine, as much as a call. Answers over a real network take longer: no spinning.
 LANE_SPIN = 400e-6
 #: Connecting and the handshake must finish within this (seconds).
 LANE_CONNECT_TIMEOUT = 5.0
@@ -123,7 +123,9 @@ class Lane:
     def receive(self) -> None:
         """Wait until every task sent has its result (finishing their records)."""
         sent = time.perf_counter()
-        spin_until = sent + (LANE_SPIN if self._last_wait < LANE_SPIN else 0.0)
+        # Judged by the last answer, with room: a wait that spinning would have shortened
+        # must not switch spinning off for good.
+        spin_until = sent + (LANE_SPIN if self._last_wait < 2 * LANE_SPIN else 0.0)
         while self._waiting:
             try:
                 n, frames = self.parser.receive(self.sock, self.scratch)
