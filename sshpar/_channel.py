@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import _bootstrap, _wire
-from ._lane import Lane
+from ._lane import ACK_AT_ONCE, Lane
 from ._stream import FrameSender, FunctionRefs, client_handshake, read_frames
 from ._transport import ForwardingRefused, PushReader
 from .asyncresult import TaskRecord
@@ -328,8 +328,9 @@ class EngineChannel:
         self._settle_lane(recs)
 
     def _settle_lane(self, recs: list[TaskRecord]) -> None:
-        """Tasks from a closed lane that are still pending: fetched (or resent if the engine
-        never had them) while the channel runs; after a reconnect the resync covers them."""
+        """Tasks from a closed lane, or whose large results a lane left to us, that are still
+        pending: fetched (or resent if the engine never had them and they may run) while the
+        channel runs; after a reconnect the resync covers them."""
         ids = [rec.msg_id for rec in recs if self.pending.get(rec.msg_id) is rec]
         if not ids:
             return
@@ -345,6 +346,12 @@ class EngineChannel:
             self._flush_sender()
         except SshparError as exc:  # the channel broke too: its own recovery covers them
             log.info("%s: fetching after a lane closed failed: %s", self.info, exc)
+
+    def fetch_moved(self, recs: list[TaskRecord]) -> None:
+        """Loop thread: large results of lane calls, to be fetched over this channel."""
+        for rec in recs:
+            self.pending[rec.msg_id] = rec
+        self._settle_lane(recs)
 
     def _close_lane(self) -> None:
         lane, self._lane = self._lane, None
@@ -486,10 +493,18 @@ class EngineChannel:
 
     def _result(self, meta: dict, payload: list) -> None:
         msg_id = meta["msg_id"]
+        if meta.get("status") == "moved":  # a lane's large result, drained here: fetch it
+            rec = self.pending.get(msg_id)
+            if rec is not None:
+                rec.request = None
+                self._settle_lane([rec])
+            return
         rec = self.pending.pop(msg_id, None)
         # Results stay on the engine until acknowledged; acks are batched (or ride on
         # the next task), since each frame costs a packet or two over SSH.
         self._queue_acks([msg_id])
+        if sum(_wire.buffer_size(b) for b in payload) >= ACK_AT_ONCE:
+            self._send_acks()  # the engine holds a large result until acknowledged
         if rec is not None:
             rec.finish(meta, payload, time.time(), self.clock_offset)
 

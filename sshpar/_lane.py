@@ -63,6 +63,9 @@ class Lane:
                  parser: _wire.FrameParser, *, spin: bool) -> None:
         self.channel = channel
         self.spin = spin
+        # Through an SSH forwarder, large results come over the main connection: on a small
+        # machine the forwarder is one busy process too many for bulk data (measured).
+        self.move_large = not spin
         self.sock = sock
         self.codec = codec
         self.parser = parser
@@ -72,6 +75,7 @@ class Lane:
         self._acks: list[str] = []       # results taken; acknowledged with the next call
         self._ack_now = False
         self._waiting: dict[str, TaskRecord] = {}
+        self._moved: list[TaskRecord] = []  # large results the channel is to fetch
         self.scratch = memoryview(bytearray(_RECV))
         self._last_wait = 0.0    # from sending the last call to its answer (seconds)
         self._poll = select.poll()
@@ -115,6 +119,8 @@ class Lane:
         meta, payload = self._refs.compact(meta, payload)
         if self.spin:
             meta = dict(meta, spin=True)
+        if self.move_large:
+            meta = dict(meta, move_large=True)
         if self._acks:
             meta = dict(meta, ack=self._acks)
             self._acks = []
@@ -142,6 +148,15 @@ class Lane:
             for frame in frames:
                 self.take(frame)
         self._last_wait = time.perf_counter() - sent
+        if self._moved:  # their results come over the channel; AsyncResult.get waits for them
+            moved, self._moved = self._moved, []
+            for rec in moved:
+                rec.request = None  # it ran: never to be sent again
+            try:
+                self.channel.loop.call_soon_threadsafe(self.channel.fetch_moved, moved)
+            except RuntimeError:  # the client is closed: its loop is gone
+                for rec in moved:
+                    rec.fail(self.channel.error(f"is {self.channel.state}"), time.time())
         if self._ack_now:  # let the engine free a large result now, not at the next call:
             self._ack_now = False  # over the channel (a second write here could wait on Nagle)
             acks = self.take_acks()
@@ -158,6 +173,10 @@ class Lane:
                      else [(meta, frame.payload)])
             for m, p in items:
                 rec = self._waiting.pop(m["msg_id"], None)
+                if m.get("status") == "moved":  # large: the channel fetches it (move_large)
+                    if rec is not None:
+                        self._moved.append(rec)
+                    continue
                 self._acks.append(m["msg_id"])
                 if sum(_wire.buffer_size(b) for b in p) >= ACK_AT_ONCE:
                     self._ack_now = True

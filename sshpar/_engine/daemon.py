@@ -43,6 +43,9 @@ POLL_GAP = 0.0005
 #: After a task whose client asked (``spin`` in its meta), the engine looks for the next one
 #: this long before it sleeps (seconds).
 SPIN = 200e-6
+#: A result this large (bytes) for a task marked ``move_large`` is fetched over the client's
+#: main connection instead (see _lane.py).
+MOVE_LARGE = 1 << 20
 #: An interrupt that finds the task outside user code (still unpickling) is retried this long.
 INTERRUPT_RETRY = 2.0
 
@@ -143,7 +146,7 @@ class Daemon:
         # SSH the next call comes later, and spinning would take CPU from sshd and the client.
         self._spin_until = now + SPIN if task.meta.get("spin") else 0.0
         self._send_output(task)
-        self._send_result(task, task.owner)
+        self._send_result(task, task.owner, first=True)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         # Interrupts are aimed at the running task: raise only inside user code, never
@@ -254,9 +257,16 @@ class Daemon:
                 conn.send(_wire.Kind.OUTPUT, {"msg_id": task.msg_id, "name": stream.name,
                                               "text": text}, defer=True)
 
-    def _send_result(self, task: Task, conn: Conn | None) -> None:
-        if conn is not None and conn.open:
-            conn.send_result(task.result_meta(), task.result)
+    def _send_result(self, task: Task, conn: Conn | None, *, first: bool = False) -> None:
+        if conn is None or not conn.open:
+            return
+        if (first and task.meta.get("move_large")
+                and sum(_wire.buffer_size(b) for b in task.result) >= MOVE_LARGE):
+            # The client asked for large results on its main connection (a direct lane
+            # through an SSH forwarder): say so here; it fetches the result there.
+            conn.send_result({"msg_id": task.msg_id, "status": "moved"}, [])
+            return
+        conn.send_result(task.result_meta(), task.result)
 
     def _arm_idle(self) -> None:
         self._idle_deadline = None
