@@ -279,7 +279,7 @@ class EngineChannel:
             if self._lane is None and time.monotonic() >= self._lane_retry_at:
                 try:
                     self._lane = Lane.connect(self, path, self.host.key,
-                                              spin=self.host.transport.on_this_machine)
+                                              local=self.host.transport.on_this_machine)
                 except Exception as exc:  # noqa: BLE001 - the channel serves instead
                     self._lane_failures += 1
                     wait = LANE_RETRY if self._lane_failures < LANE_ATTEMPTS else float("inf")
@@ -461,11 +461,8 @@ class EngineChannel:
     def _receive(self, frame: _wire.Frame) -> None:
         kind, meta = frame.kind, frame.meta
         if kind is _wire.Kind.RESULT:
-            if "batch" in meta:
-                for m, p in _wire.split_batch(meta, frame.payload):
-                    self._result(m, p)
-            else:
-                self._result(meta, frame.payload)
+            for m, p in _wire.items(meta, frame.payload):
+                self._result(m, p)
         elif kind is _wire.Kind.OUTPUT:
             rec = self.pending.get(meta["msg_id"])
             if rec is not None:

@@ -60,12 +60,13 @@ class Lane:
     """A second connection to one engine, used by one calling thread at a time (``lock``)."""
 
     def __init__(self, channel: EngineChannel, sock: socket.socket, codec: _wire.Codec,
-                 parser: _wire.FrameParser, *, spin: bool) -> None:
+                 parser: _wire.FrameParser, *, local: bool) -> None:
         self.channel = channel
-        self.spin = spin
-        # Through an SSH forwarder, large results come over the main connection: on a small
-        # machine the forwarder is one busy process too many for bulk data (measured).
-        self.move_large = not spin
+        # What every call asks of the engine: on this machine, to look for the next call
+        # before it sleeps (its SPIN); through an SSH forwarder, to send a large result over
+        # the main connection (on a small machine the forwarder is one busy process too
+        # many for bulk data, measured).
+        self._asks = {"spin": True} if local else {"move_large": True}
         self.sock = sock
         self.codec = codec
         self.parser = parser
@@ -84,10 +85,9 @@ class Lane:
         self._poll_out.register(sock, select.POLLOUT)
 
     @classmethod
-    def connect(cls, channel: EngineChannel, path: str, key: bytes, *, spin: bool) -> Lane:
+    def connect(cls, channel: EngineChannel, path: str, key: bytes, *, local: bool) -> Lane:
         """Connect to the engine socket at ``path`` and prove ``key`` (blocking, bounded).
-        ``spin``: the engine runs on this machine, so each call asks it to look for the next
-        one before it sleeps (the engine's ``SPIN``)."""
+        ``local``: the engine runs on this machine (not through an SSH forwarder)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(LANE_CONNECT_TIMEOUT)
@@ -109,7 +109,7 @@ class Lane:
         except BaseException:
             sock.close()
             raise
-        return cls(channel, sock, codec, parser, spin=spin)
+        return cls(channel, sock, codec, parser, local=local)
 
     # -- a call (the thread holding ``lock``) -------------------------------------------------
     def send(self, rec: TaskRecord, meta: dict, payload: list) -> None:
@@ -117,13 +117,9 @@ class Lane:
         rec.request = (meta, payload)     # as the channel keeps it: resent if never received
         self._waiting[rec.msg_id] = rec
         meta, payload = self._refs.compact(meta, payload)
-        if self.spin:
-            meta = dict(meta, spin=True)
-        if self.move_large:
-            meta = dict(meta, move_large=True)
+        meta = {**meta, **self._asks}
         if self._acks:
-            meta = dict(meta, ack=self._acks)
-            self._acks = []
+            meta["ack"], self._acks = self._acks, []
         self._send_all(self.codec.encode(_wire.Kind.TASK, meta, payload, sign_as_sent=True))
 
     def receive(self) -> None:
@@ -169,9 +165,7 @@ class Lane:
         """Handle one frame from the engine (results and output of this lane's tasks)."""
         kind, meta = frame.kind, frame.meta
         if kind is _wire.Kind.RESULT:
-            items = (_wire.split_batch(meta, frame.payload) if "batch" in meta
-                     else [(meta, frame.payload)])
-            for m, p in items:
+            for m, p in _wire.items(meta, frame.payload):
                 rec = self._waiting.pop(m["msg_id"], None)
                 if m.get("status") == "moved":  # large: the channel fetches it (move_large)
                     if rec is not None:

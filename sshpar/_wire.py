@@ -181,6 +181,11 @@ def join_batch(items: Sequence[tuple[dict, Sequence[Any]]]) -> tuple[dict, list]
     return {"batch": metas, "segs": counts}, payload
 
 
+def items(meta: dict, payload: list) -> list[tuple[dict, list]]:
+    """The (meta, payload) pairs a frame carries: those of a batch, or its own."""
+    return split_batch(meta, payload) if "batch" in meta else [(meta, payload)]
+
+
 def split_batch(meta: dict, payload: list) -> list[tuple[dict, list]]:
     """The (meta, payload) pairs of a batch frame; ProtocolError if it does not add up."""
     metas, counts = meta.get("batch"), meta.get("segs")

@@ -324,11 +324,8 @@ class Daemon:
                 raise ProtocolError("TASK frame with malformed acks")
             for acked in acks:
                 self.results.pop(acked, None)
-            if "batch" in meta:
-                for task_meta, payload in _wire.split_batch(meta, frame.payload):
-                    self._queue_task(task_meta, payload, conn)
-            else:
-                self._queue_task(meta, frame.payload, conn)
+            for task_meta, payload in _wire.items(meta, frame.payload):
+                self._queue_task(task_meta, payload, conn)
         elif frame.kind is _wire.Kind.CONTROL:
             self._control(meta, conn)
         else:
