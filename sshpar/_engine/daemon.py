@@ -346,7 +346,7 @@ class Daemon:
                     or _wire.function_digest(payload[0]) != keep):
                 raise ProtocolError("TASK with a malformed fn_keep")
             conn.functions[keep] = payload[0]
-        task = Task(msg_id, meta, payload, conn, _ignore)
+        task = Task(msg_id, meta, payload, conn, _ignore, ref or keep)
         task.queued_at = time.time()
         self.queued[msg_id] = task
         self.ready.append(task)

@@ -6,9 +6,11 @@ shipped sshpar modules (errors, _serialize, _markers).
 
 from __future__ import annotations
 
+import builtins
 import io
 import linecache
 import os
+import pickle
 import sys
 import threading
 import time
@@ -94,13 +96,14 @@ class Task:
 
     __slots__ = ("msg_id", "meta", "payload", "owner", "stdout", "stderr", "sent",
                  "started", "completed", "status", "error", "result", "result_type",
-                 "aborted", "queued_at")
+                 "aborted", "queued_at", "fn_digest")
 
     def __init__(self, msg_id: str, meta: dict, payload: list, owner: Any,
-                 on_output: Callable[[Task], None]) -> None:
+                 on_output: Callable[[Task], None], fn_digest: bytes | None = None) -> None:
         self.msg_id = msg_id
         self.meta = meta
         self.payload = payload
+        self.fn_digest = fn_digest  # of the function's pickle (payload[0]), when known
         self.owner = owner
         notify = lambda: on_output(self)  # noqa: E731
         self.stdout = TaskOutput("stdout", notify)
@@ -136,6 +139,7 @@ class Executor:
         # names a shipped function brought with it (not set by engine code): refreshed when a
         # newer function brings them again; anything the engine set itself is left alone.
         self._brought: dict[str, Any] = {}
+        self._kept: dict[bytes, _Kept] = {}  # see function()
         self._counter = 0
         self.current: Task | None = None
         self.in_user_code = False          # the SIGINT handler raises only while this holds
@@ -149,8 +153,8 @@ class Executor:
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = task.stdout, task.stderr
         try:
-            f, args, kwargs = _serialize.loads_call(task.payload)
-            f = self.rebind(f)
+            f = self.function(task.payload[0], task.fn_digest)
+            args, kwargs = _serialize.loads(task.payload[1:])
             args = resolve_references(args, self.namespace)
             kwargs = resolve_references(kwargs, self.namespace)
             self.in_user_code = True
@@ -179,6 +183,35 @@ class Executor:
             task.payload = []
             task.completed = time.time()
             self.current = None
+
+    # -- functions ------------------------------------------------------------------------
+    def function(self, data: Any, digest: bytes | None) -> Any:
+        """The function pickled in ``data``, ready to call in the engine's namespace.
+
+        A client sends the same pickle again for each call of the same function (by digest,
+        see ``fn`` in _wire.py); unpickling it was most of an engine's work for a small
+        call. A function is kept unpickled (by that digest) only if unpickling it again
+        could give nothing different: no closure, no attributes or keyword-only defaults,
+        and defaults and globals that are immutable data or objects imported by name. It is
+        reused while nothing about it has changed since (its code, defaults, attributes,
+        the globals it carries), and the globals it brought are set again as if it had been
+        unpickled anew (see :meth:`rebind`).
+        """
+        kept = self._kept.get(digest) if digest is not None else None
+        if kept is not None and kept.intact():
+            self._bring(kept.brought)
+            return kept.f
+        loaded = pickle.loads(data)
+        f = self.rebind(loaded)
+        if digest is not None:
+            kept = _Kept.of(loaded, f, self.namespace)
+            if kept is None:
+                self._kept.pop(digest, None)
+            else:
+                if len(self._kept) >= FUNCTIONS_KEPT:
+                    self._kept.clear()
+                self._kept[digest] = kept
+        return f
 
     # -- namespace semantics --------------------------------------------------------------
     def rebind(self, f: Any) -> Any:
@@ -220,16 +253,20 @@ class Executor:
         new.__dict__.update(f.__dict__)
         new.__annotations__ = f.__annotations__
         brought = f.__globals__
-        for name in _global_names(f.__code__):
-            if name not in brought:
-                continue
-            value = self._rebind(brought[name], seen)
-            current = ns.get(name, _MISSING)
-            if current is _MISSING or self._brought.get(name, _MISSING) is current:
-                ns[name] = value
-                self._brought[name] = value
+        self._bring([(name, self._rebind(brought[name], seen))
+                     for name in _global_names(f.__code__) if name in brought])
         self._rebind_cells(new, seen)
         return new
+
+    def _bring(self, pairs: list[tuple[str, Any]]) -> None:
+        """Set the names a function brought where the engine lacks them, or still holds what
+        an earlier function brought."""
+        ns, brought = self.namespace, self._brought
+        for name, value in pairs:
+            current = ns.get(name, _MISSING)
+            if current is _MISSING or brought.get(name, _MISSING) is current:
+                ns[name] = value
+                brought[name] = value
 
     def compile_source(self, source: str, filename: str | None = None) -> types.CodeType:
         """Compile code for execute()/run(), registering its text so tracebacks show it."""
@@ -242,6 +279,68 @@ class Executor:
 
 
 _MISSING = object()
+#: At most this many functions are kept unpickled (see Executor.function).
+FUNCTIONS_KEPT = 512
+_DATA = frozenset({int, float, complex, str, bytes, bool, type(None), type(...)})
+
+
+class _Kept:
+    """A function kept unpickled, and what must hold for it to be reused."""
+
+    __slots__ = ("f", "code", "defaults", "brought", "globals", "snapshot")
+
+    def __init__(self, f: types.FunctionType, brought: list[tuple[str, Any]],
+                 snapshot: list[tuple[str, Any]]) -> None:
+        self.f = f
+        self.code = f.__code__
+        self.defaults = f.__defaults__
+        self.brought = brought    # set in the namespace at each call, as rebind() does
+        self.globals = f.__globals__
+        self.snapshot = snapshot  # a function not rebound keeps its own globals: unchanged?
+
+    @classmethod
+    def of(cls, loaded: Any, f: Any, namespace: dict) -> _Kept | None:
+        """The entry for ``f`` (``loaded`` rebound), or None if it cannot be kept."""
+        if (type(f) is not types.FunctionType or f.__closure__ is not None or f.__dict__
+                or f.__kwdefaults__ is not None
+                or not all(_fixed(v) for v in f.__defaults__ or ())):
+            return None
+        carried = loaded.__globals__
+        if f.__globals__ is namespace:  # rebound: it brought what its code names
+            brought = [(n, carried[n]) for n in _global_names(f.__code__) if n in carried]
+            snapshot = []
+        else:  # its own globals, as cloudpickle made them
+            brought, snapshot = [], list(carried.items())
+        if not all(_fixed(v) for _, v in brought + snapshot):
+            return None
+        return cls(f, brought, snapshot)
+
+    def intact(self) -> bool:
+        f = self.f
+        if (f.__code__ is not self.code or f.__defaults__ is not self.defaults or f.__dict__
+                or f.__kwdefaults__ is not None):
+            return False
+        g, snapshot = self.globals, self.snapshot
+        return not snapshot or (len(g) == len(snapshot)
+                                and all(g.get(k, _MISSING) is v for k, v in snapshot))
+
+
+def _fixed(value: Any, depth: int = 0) -> bool:
+    """Whether unpickling ``value`` again gives the same: equal immutable data, or the very
+    object that its module's name leads to (modules, classes, functions imported by name)."""
+    kind = type(value)
+    if kind in _DATA or value is builtins.__dict__:
+        return True
+    if kind is tuple or kind is frozenset:
+        return depth < 3 and all(_fixed(v, depth + 1) for v in value)
+    if kind is types.ModuleType:
+        return sys.modules.get(value.__name__) is value
+    if not isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)):
+        return False
+    obj: Any = sys.modules.get(getattr(value, "__module__", None) or "")
+    for part in str(getattr(value, "__qualname__", "")).split("."):
+        obj = getattr(obj, part, None)
+    return obj is value
 
 
 def _ignore() -> None:

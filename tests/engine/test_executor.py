@@ -1,0 +1,106 @@
+"""The executor keeps functions unpickled only where a fresh unpickle could not differ.
+
+A client sends the same pickle for each call of a function; the engine reuses the function it
+unpickled the first time. These tests run the engine's executor in-process (the code an
+engine runs, minus its sockets) and check that every call still behaves as if its function
+had been unpickled anew.
+"""
+
+from __future__ import annotations
+
+import itertools
+import textwrap
+from typing import Any
+
+import cloudpickle
+import pytest
+
+from sshpar import _serialize, _wire
+from sshpar._engine.executor import Executor, Task
+
+_ids = itertools.count()
+
+
+def defined(source: str, name: str, module: str = "__main__") -> Any:
+    """A function as if typed at the client's prompt (``module`` ``__main__``) or defined in a
+    module sent by value: cloudpickle sends it by value either way."""
+    ns: dict[str, Any] = {"__name__": module}
+    exec(compile(textwrap.dedent(source), f"<client {name}>", "exec"), ns)  # noqa: S102
+    return ns[name]
+
+
+def call(ex: Executor, f: Any, *args: Any) -> Any:
+    """Run ``f(*args)`` as a task whose function came by digest; return its value."""
+    payload = _serialize.dumps_call(f, args, {}, what="f", code_files=set())
+    task = Task(f"t{next(_ids)}", {}, payload, None, lambda t: None,
+                _wire.function_digest(payload[0]))
+    ex.run(task)
+    assert task.status == "ok", task.error
+    return _serialize.loads(task.result)
+
+
+def test_a_function_whose_pickle_recurs_is_unpickled_once() -> None:
+    ex = Executor()
+    f = defined("def scaled(x):\n    return x * FACTOR\n", "scaled")
+    f.__globals__["FACTOR"] = 3
+    data = cloudpickle.dumps(f, protocol=5)
+    digest = _wire.function_digest(data)
+    first = ex.function(data, digest)
+    assert ex.function(data, digest) is first
+    assert first(2) == 6
+    assert ex.function(data, None) is not first  # no digest: nothing kept
+
+
+def test_a_kept_function_changed_since_is_unpickled_anew() -> None:
+    ex = Executor()
+    data = cloudpickle.dumps(defined("def f(x=1):\n    return x\n", "f"), protocol=5)
+    digest = _wire.function_digest(data)
+    first = ex.function(data, digest)
+    first.note = "set by someone"
+    first.__defaults__ = (5,)
+    again = ex.function(data, digest)
+    assert again is not first
+    assert again() == 1 and not again.__dict__
+
+
+def test_names_a_kept_function_brought_are_set_again_at_each_call() -> None:
+    ex = Executor()
+    f = defined("def get():\n    return LIMIT\n", "get")
+    f.__globals__["LIMIT"] = 7
+    assert call(ex, f) == 7
+    del ex.namespace["LIMIT"]            # the engine lost it: the next call brings it again
+    assert call(ex, f) == 7
+    ex.namespace["LIMIT"] = 9            # set on the engine (execute/push): the engine's wins
+    assert call(ex, f) == 9
+
+
+def test_a_mutable_default_starts_fresh_at_each_call() -> None:
+    ex = Executor()
+    f = defined("def collect(x, acc=[]):\n    acc.append(x)\n    return acc\n", "collect")
+    assert [call(ex, f, i) for i in range(3)] == [[0], [1], [2]]
+
+
+def test_a_function_that_refers_to_itself_starts_fresh_at_each_call() -> None:
+    ex = Executor()
+    f = defined("def count():\n    count.calls = getattr(count, 'calls', 0) + 1\n"
+                "    return count.calls\n", "count")
+    assert [call(ex, f) for _ in range(3)] == [1, 1, 1]
+
+
+def test_a_closure_starts_from_the_clients_cells_at_each_call() -> None:
+    ex = Executor()
+    f = defined("def make():\n    n = 0\n    def bump():\n        nonlocal n\n"
+                "        n += 1\n        return n\n    return bump\n", "make")()
+    assert [call(ex, f) for _ in range(3)] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("module", ["__main__", "lab.helpers"])
+def test_a_function_writing_globals_starts_from_what_it_brought(module: str) -> None:
+    # __main__: its globals are the engine namespace (written there, as before);
+    # a module sent by value: its own globals, which a fresh unpickle would reset.
+    ex = Executor()
+    f = defined("def tick():\n    global ticks\n    ticks = ticks + 1\n    return ticks\n",
+                "tick", module)
+    f.__globals__["ticks"] = 0
+    got = [call(ex, f) for _ in range(3)]
+    assert got == ([1, 2, 3] if module == "__main__" else [1, 1, 1])
