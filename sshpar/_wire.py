@@ -67,6 +67,9 @@ class Kind(enum.IntEnum):
     REPLY = 5       # engine -> client: the answer to a CONTROL frame
 
 
+_KINDS = {int(k): k for k in Kind}
+
+
 class Reader(Protocol):
     async def readexactly(self, n: int) -> bytes: ...
     async def read(self, n: int = -1) -> bytes: ...
@@ -291,10 +294,9 @@ class Codec:
             raise ProtocolError(f"frame out of sequence ({seq}, expected {self._recv_seq}): "
                                 "replayed or dropped")
         self._recv_seq += 1
-        try:
-            k = Kind(kind)
-        except ValueError:
-            raise ProtocolError(f"unknown frame kind {kind}") from None
+        k = _KINDS.get(kind)
+        if k is None:
+            raise ProtocolError(f"unknown frame kind {kind}")
         return Frame(k, loads_meta(segments[0]), segments[1:])
 
     async def read(self, reader: Reader) -> Frame:
@@ -338,6 +340,8 @@ class FrameParser:
         """Take the next bytes of the stream; return the frames they complete."""
         frames: list[Frame] = []
         view = memoryview(data).cast("B")
+        if not self._buf and self._big is None and self._frame is None:
+            view = view[self._whole(view, frames):]  # the usual case: read in place
         while view:
             if self._big is not None:
                 n = min(len(view), len(self._big) - self._big_pos)
@@ -382,8 +386,30 @@ class FrameParser:
             self._big = self._big_obj = None
             self._step(frames)
 
+    def _whole(self, view: memoryview, frames: list[Frame]) -> int:
+        """Check and take the frames that are whole in ``view``, each in one MAC call;
+        return where the first that is not whole starts."""
+        codec, pos, size = self.codec, 0, len(view)
+        while size - pos >= HEADER.size:
+            kind, seq, nseg = codec.check_header(view, pos)
+            body = pos + HEADER.size + 8 * nseg
+            if size < body:
+                break
+            # Sizes are checked as soon as they are known, before waiting for more.
+            lengths = codec.check_lengths(view, pos + HEADER.size, nseg)
+            end = body + sum(lengths)
+            if size < end + MAC_SIZE:
+                break
+            codec.verify(view[pos:end], view[end:end + MAC_SIZE])
+            segments = []
+            for n in lengths:
+                segments.append(bytes(view[body:body + n]))
+                body += n
+            frames.append(codec.finish(kind, seq, segments))
+            pos = end + MAC_SIZE
+        return pos
+
     def _step(self, frames: list[Frame]) -> None:
-        buf, codec = self._buf, self.codec
         pos = 0
         try:
             while True:
@@ -391,35 +417,24 @@ class FrameParser:
                     consumed, pos = pos, 0
                     if not self._stream(consumed, frames):
                         return
-                    buf = self._buf
                     continue
-                have = len(buf) - pos
-                if have < HEADER.size:
+                with memoryview(self._buf) as mv:
+                    pos += self._whole(mv[pos:], frames)
+                buf = self._buf
+                if len(buf) - pos < HEADER.size:
                     return
-                kind, seq, nseg = codec.check_header(buf, pos)
+                kind, seq, nseg = self.codec.check_header(buf, pos)
                 body = pos + HEADER.size + 8 * nseg
                 if len(buf) < body:
                     return
-                # Sizes are checked as soon as they are known, before waiting for more.
-                lengths = codec.check_lengths(buf, pos + HEADER.size, nseg)
-                end = body + sum(lengths)
-                if len(buf) >= end + MAC_SIZE:  # whole: check in place, in one call
-                    with memoryview(buf) as mv:
-                        codec.verify(mv[pos:end], mv[end:end + MAC_SIZE])
-                        segments, at = [], body
-                        for n in lengths:
-                            segments.append(bytes(mv[at:at + n]))
-                            at += n
-                    frames.append(codec.finish(kind, seq, segments))
-                    pos = end + MAC_SIZE
-                elif end - body >= _CHUNK:
-                    # large and incomplete: stream it, segment by segment
-                    self._frame = (kind, seq, lengths)
-                    self._mac = codec.new_mac(bytes(buf[pos:body]))
-                    self._segments = []
-                    pos = body
-                else:
-                    return
+                lengths = self.codec.check_lengths(buf, pos + HEADER.size, nseg)
+                if sum(lengths) < _CHUNK:
+                    return  # small: whole once the rest arrives
+                # large and incomplete: stream it, segment by segment
+                self._frame = (kind, seq, lengths)
+                self._mac = self.codec.new_mac(bytes(buf[pos:body]))
+                self._segments = []
+                pos = body
         finally:
             if pos:
                 del self._buf[:pos]
