@@ -138,15 +138,16 @@ class Daemon:
             if self._sentry_serving:
                 self.reactor.wake()
             self.io_lock.acquire()
+        self._send_output(task)
+        self._send_result(task, task.owner, first=True)
+        if not self.ready and task.owner is not None:
+            task.owner.flush()  # nothing else to run: the answer goes now, bookkeeping after
         self.queued.pop(task.msg_id, None)
         self.results[task.msg_id] = task
         self.done_count += 1
-        now = time.monotonic()
         # Only a client on this machine asks for it (a direct lane, see _lane.py): through
         # SSH the next call comes later, and spinning would take CPU from sshd and the client.
-        self._spin_until = now + SPIN if task.meta.get("spin") else 0.0
-        self._send_output(task)
-        self._send_result(task, task.owner, first=True)
+        self._spin_until = time.monotonic() + SPIN if task.meta.get("spin") else 0.0
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         # Interrupts are aimed at the running task: raise only inside user code, never
