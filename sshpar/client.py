@@ -253,12 +253,6 @@ class Client:
             # unique across clients (random prefix) and cheap (a counter)
             records.append(TaskRecord(f"{self._id_prefix}{next(self._ids):x}", ch.info, now))
             channels.append(ch)
-        ar = result_class(records, single=single, fname=fname, postprocess=postprocess)
-        ar._client = self
-        for rec in records:
-            self._results[rec.msg_id] = ar
-            self._unclaimed[rec.msg_id] = ar
-            self.history.append(rec.msg_id)
         items = []
         for ch, rec, payload in zip(channels, records, payloads):
             meta: dict[str, Any] = {"msg_id": rec.msg_id}
@@ -268,17 +262,29 @@ class Client:
             if sources:
                 meta["sources"] = sources
             items.append((rec, meta, payload))
-        lanes = self._lanes(channels) if direct else None
-        if lanes is not None:
-            try:
-                _lane.call(lanes, items)
-            except BaseException as exc:
-                keep_running_note(exc, ar.msg_ids)
-                raise
+
+        def track() -> AsyncResult:
+            ar = result_class(records, single=single, fname=fname, postprocess=postprocess)
+            ar._client = self
+            for rec in records:
+                self._results[rec.msg_id] = ar
+                self._unclaimed[rec.msg_id] = ar
+                self.history.append(rec.msg_id)
             return ar
-        for ch, item in zip(channels, items):
-            ch.submit(*item)
-        return ar
+
+        lanes = self._lanes(channels) if direct else None
+        if lanes is None:
+            ar = track()
+            for ch, item in zip(channels, items):
+                ch.submit(*item)
+            return ar
+        tracked: list[AsyncResult] = []
+        try:  # the result is tracked while the engines work, not before they can start
+            _lane.call(lanes, items, lambda: tracked.append(track()))
+        except BaseException as exc:
+            keep_running_note(exc, [rec.msg_id for rec in records])
+            raise
+        return tracked[0]
 
     @staticmethod
     def _lanes(channels: Sequence[EngineChannel]) -> list[Lane] | None:

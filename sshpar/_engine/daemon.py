@@ -50,10 +50,6 @@ MOVE_LARGE = 1 << 20
 INTERRUPT_RETRY = 2.0
 
 
-def _ignore(task: Task) -> None:
-    pass
-
-
 class Daemon:
     def __init__(self, conf: dict, key: bytes, sock: socket.socket) -> None:
         self.conf = conf
@@ -347,7 +343,7 @@ class Daemon:
                     or _wire.function_digest(payload[0]) != keep):
                 raise ProtocolError("TASK with a malformed fn_keep")
             conn.functions[keep] = payload[0]
-        task = Task(msg_id, meta, payload, conn, _ignore, ref or keep)
+        task = Task(msg_id, meta, payload, conn, ref or keep)
         task.queued_at = time.time()
         self.queued[msg_id] = task
         self.ready.append(task)

@@ -16,7 +16,6 @@ import threading
 import time
 import traceback
 import types
-from collections.abc import Callable
 from typing import Any
 
 from .. import _serialize
@@ -41,14 +40,14 @@ class Namespace(dict):
 
 
 class TaskOutput(io.TextIOBase):
-    """sys.stdout / sys.stderr while a task runs: kept for the result, streamed live."""
+    """sys.stdout / sys.stderr while a task runs: kept for the result; the daemon streams
+    what is new (:meth:`take`) while the task runs."""
 
-    def __init__(self, name: str, on_write: Callable[[], None]) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
         self.parts: list[str] = []
         self.size = 0
         self.truncated = False
-        self._on_write = on_write
         self._lock = threading.Lock()
 
     def writable(self) -> bool:
@@ -67,15 +66,10 @@ class TaskOutput(io.TextIOBase):
             else:
                 self.parts.append(s)
             self.size += len(s)
-        self._on_write()
         return len(s)
 
     def flush(self) -> None:
         pass
-
-    def close_stream(self) -> None:
-        """The task is over: later writes (from its stray threads) are kept, not streamed."""
-        self._on_write = _ignore
 
     def isatty(self) -> bool:
         return False
@@ -99,15 +93,14 @@ class Task:
                  "aborted", "queued_at", "fn_digest")
 
     def __init__(self, msg_id: str, meta: dict, payload: list, owner: Any,
-                 on_output: Callable[[Task], None], fn_digest: bytes | None = None) -> None:
+                 fn_digest: bytes | None = None) -> None:
         self.msg_id = msg_id
         self.meta = meta
         self.payload = payload
         self.fn_digest = fn_digest  # of the function's pickle (payload[0]), when known
         self.owner = owner
-        notify = lambda: on_output(self)  # noqa: E731
-        self.stdout = TaskOutput("stdout", notify)
-        self.stderr = TaskOutput("stderr", notify)
+        self.stdout = TaskOutput("stdout")
+        self.stderr = TaskOutput("stderr")
         self.sent = {"stdout": 0, "stderr": 0}
         self.started = self.completed = 0.0
         self.status = "pending"
@@ -177,9 +170,6 @@ class Executor:
                 task.error = error_record(exc)
         finally:
             sys.stdout, sys.stderr = saved
-            # break the task <-> output cycle, so a big result is freed once acknowledged
-            task.stdout.close_stream()
-            task.stderr.close_stream()
             task.payload = []
             task.completed = time.time()
             self.current = None
@@ -341,10 +331,6 @@ def _fixed(value: Any, depth: int = 0) -> bool:
     for part in str(getattr(value, "__qualname__", "")).split("."):
         obj = getattr(obj, part, None)
     return obj is value
-
-
-def _ignore() -> None:
-    return None
 
 
 def _global_names(code: types.CodeType) -> set[str]:

@@ -32,8 +32,7 @@ def defined(source: str, name: str, module: str = "__main__") -> Any:
 def call(ex: Executor, f: Any, *args: Any) -> Any:
     """Run ``f(*args)`` as a task whose function came by digest; return its value."""
     payload = _serialize.dumps_call(f, args, {}, what="f", code_files=set())
-    task = Task(f"t{next(_ids)}", {}, payload, None, lambda t: None,
-                _wire.function_digest(payload[0]))
+    task = Task(f"t{next(_ids)}", {}, payload, None, _wire.function_digest(payload[0]))
     ex.run(task)
     assert task.status == "ok", task.error
     return _serialize.loads(task.result)
