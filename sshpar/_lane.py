@@ -190,6 +190,16 @@ class Lane:
     def _send_all(self, bufs: list) -> None:
         """Write a frame; a large one is signed piece by piece as it goes (see signed_pieces),
         so the forwarder and the engine work on a piece while the next one is signed."""
+        if len(bufs) == 1:  # a small frame: one buffer, usually taken whole
+            try:
+                n = self.sock.send(bufs[0])
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as exc:
+                raise LaneBroken(f"the lane broke: {exc}") from exc
+            if n == len(bufs[0]):
+                return
+            bufs = [memoryview(bufs[0])[n:]]
         for piece in _wire.signed_pieces(bufs, _WRITE):
             view = memoryview(piece).cast("B")
             while view:

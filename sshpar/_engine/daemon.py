@@ -135,9 +135,9 @@ class Daemon:
                 self.reactor.wake()
             self.io_lock.acquire()
         self._send_output(task)
-        self._send_result(task, task.owner, first=True)
-        if not self.ready and task.owner is not None:
-            task.owner.flush()  # nothing else to run: the answer goes now, bookkeeping after
+        # Nothing else to run: the answer goes now (bookkeeping after); else it may wait a
+        # moment for the next results, to go out together.
+        self._send_result(task, task.owner, first=True, now=not self.ready)
         self.queued.pop(task.msg_id, None)
         self.results[task.msg_id] = task
         self.done_count += 1
@@ -254,16 +254,21 @@ class Daemon:
                 conn.send(_wire.Kind.OUTPUT, {"msg_id": task.msg_id, "name": stream.name,
                                               "text": text}, defer=True)
 
-    def _send_result(self, task: Task, conn: Conn | None, *, first: bool = False) -> None:
+    def _send_result(self, task: Task, conn: Conn | None, *, first: bool = False,
+                     now: bool = False) -> None:
         if conn is None or not conn.open:
             return
         if (first and task.meta.get("move_large")
                 and sum(_wire.buffer_size(b) for b in task.result) >= MOVE_LARGE):
             # The client asked for large results on its main connection (a direct lane
             # through an SSH forwarder): say so here; it fetches the result there.
-            conn.send_result({"msg_id": task.msg_id, "status": "moved"}, [])
-            return
-        conn.send_result(task.result_meta(), task.result)
+            meta, payload = {"msg_id": task.msg_id, "status": "moved"}, []
+        else:
+            meta, payload = task.result_meta(), task.result
+        if now:
+            conn.send(_wire.Kind.RESULT, meta, payload)
+        else:
+            conn.send_result(meta, payload)
 
     def _arm_idle(self) -> None:
         self._idle_deadline = None

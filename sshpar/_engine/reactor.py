@@ -123,6 +123,20 @@ class Conn:
         """Write what the socket takes now; the rest when it becomes writable."""
         if not self.open:
             return
+        if not self._out and len(self._small) == 1 and not self._results:
+            data = self._small.pop()  # one small frame, nothing before it: usually sent whole
+            self._small_size = 0
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self.reactor.close(self, f"send failed: {exc}")
+                return
+            if sent == len(data):
+                self.reactor.want_write(self, False)
+                return
+            self._out.append((memoryview(data)[sent:], None))
         self._spill()
         out = self._out
         while out:
