@@ -201,7 +201,7 @@ class EngineChannel:
             if self.state == "suspended":  # sent once the host is back (or failed if not)
                 continue
             meta, payload = self._refs.compact(meta, payload)
-            n = sum(_wire.buffer_size(b) for b in payload)
+            n = _wire.payload_size(payload)
             if n > BATCH_ITEM:
                 self._send_frame(*self._batched(batch))
                 batch, size = [], 0
@@ -500,7 +500,7 @@ class EngineChannel:
         # Results stay on the engine until acknowledged; acks are batched (or ride on
         # the next task), since each frame costs a packet or two over SSH.
         self._queue_acks([msg_id])
-        if sum(_wire.buffer_size(b) for b in payload) >= ACK_AT_ONCE:
+        if _wire.payload_size(payload) >= ACK_AT_ONCE:
             self._send_acks()  # the engine holds a large result until acknowledged
         if rec is not None:
             rec.finish(meta, payload, time.time(), self.clock_offset)

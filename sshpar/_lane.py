@@ -172,7 +172,7 @@ class Lane:
                         self._moved.append(rec)
                     continue
                 self._acks.append(m["msg_id"])
-                if sum(_wire.buffer_size(b) for b in p) >= ACK_AT_ONCE:
+                if _wire.payload_size(p) >= ACK_AT_ONCE:
                     self._ack_now = True
                 if rec is not None:
                     rec.finish(m, p, time.time(), self.channel.clock_offset)

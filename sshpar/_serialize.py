@@ -125,6 +125,7 @@ class _FunctionPickles:
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[Any, tuple, bytes, frozenset[str]]] = {}
+        self._names: dict[int, tuple[types.CodeType, Any]] = {}  # globals each code uses
 
     def dumps(self, f: Callable, what: str, code_files: set[str]) -> bytes:
         captured = self._captures(f, 0)
@@ -150,10 +151,18 @@ class _FunctionPickles:
         """Everything cloudpickle would capture of ``f``, or None if any of it is mutable."""
         if not isinstance(f, types.FunctionType) or depth > 3 or f.__dict__:
             return None
-        try:
-            names = _extract_code_globals(f.__code__)
-        except Exception:  # noqa: BLE001 - cloudpickle internals moved: do not cache
-            return None
+        code = f.__code__
+        known = self._names.get(id(code))
+        if known is not None and known[0] is code:
+            names = known[1]
+        else:
+            try:
+                names = _extract_code_globals(code)
+            except Exception:  # noqa: BLE001 - cloudpickle internals moved: do not cache
+                return None
+            if len(self._names) >= self.LIMIT:
+                self._names.clear()
+            self._names[id(code)] = (code, names)  # the code is held: its id stays its own
         g = f.__globals__
         out: list[Any] = [f.__code__, f.__name__, f.__qualname__, f.__module__, f.__doc__]
         values: list[Any] = [g.get(name, _MISSING) for name in names]

@@ -28,6 +28,7 @@ from ._wire import (
     client_verify,
     finish_signature,
     function_digest,
+    payload_size,
     signed_pieces,
 )
 from .errors import ProtocolError
@@ -93,7 +94,7 @@ class FrameSender:
         if self.error is not None:
             raise self.error
         bufs = self.codec.encode(kind, meta, payload, sign_as_sent=True)
-        size = sum(buffer_size(b) for b in bufs)
+        size = payload_size(bufs)
         if self._pump is None and size <= self._DIRECT_LIMIT:
             self._small.extend(finish_signature(bufs))
             if not defer:

@@ -146,6 +146,14 @@ def buffer_size(buf: Any) -> int:
     return MAC_SIZE if isinstance(buf, Signature) else memoryview(buf).nbytes
 
 
+def payload_size(payload: Iterable[Any]) -> int:
+    """Bytes in all of a payload's segments."""
+    size = 0
+    for buf in payload:
+        size += len(buf) if type(buf) is bytes else buffer_size(buf)
+    return size
+
+
 #: A task's function (its first payload segment) travels once per connection: the first task
 #: sends it with ``fn_keep`` (its digest), later ones send ``fn`` and an empty segment. Only
 #: pickles of this size range are kept, and at most FUNCTIONS_KEPT per connection.

@@ -248,6 +248,8 @@ class Daemon:
         if conn is None or not conn.open:
             return
         for stream in (task.stdout, task.stderr):
+            if len(stream.parts) == task.sent[stream.name]:
+                continue  # nothing new
             text, nxt = stream.take(task.sent[stream.name])
             if text:
                 task.sent[stream.name] = nxt
@@ -259,7 +261,7 @@ class Daemon:
         if conn is None or not conn.open:
             return
         if (first and task.meta.get("move_large")
-                and sum(_wire.buffer_size(b) for b in task.result) >= MOVE_LARGE):
+                and _wire.payload_size(task.result) >= MOVE_LARGE):
             # The client asked for large results on its main connection (a direct lane
             # through an SSH forwarder): say so here; it fetches the result there.
             meta, payload = {"msg_id": task.msg_id, "status": "moved"}, []
@@ -321,11 +323,12 @@ class Daemon:
     def _dispatch(self, frame: _wire.Frame, conn: Conn) -> None:
         meta = frame.meta
         if frame.kind is _wire.Kind.TASK:
-            acks = meta.get("ack", [])
-            if not isinstance(acks, list) or not all(isinstance(a, str) for a in acks):
-                raise ProtocolError("TASK frame with malformed acks")
-            for acked in acks:
-                self.results.pop(acked, None)
+            acks = meta.get("ack")
+            if acks is not None:
+                if not isinstance(acks, list) or not all(isinstance(a, str) for a in acks):
+                    raise ProtocolError("TASK frame with malformed acks")
+                for acked in acks:
+                    self.results.pop(acked, None)
             for task_meta, payload in _wire.items(meta, frame.payload):
                 self._queue_task(task_meta, payload, conn)
         elif frame.kind is _wire.Kind.CONTROL:

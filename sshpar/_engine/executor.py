@@ -81,6 +81,8 @@ class TaskOutput(io.TextIOBase):
             return "".join(self.parts[start:end]), end
 
     def getvalue(self) -> str:
+        if not self.parts:
+            return ""
         with self._lock:
             return "".join(self.parts)
 

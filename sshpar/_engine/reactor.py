@@ -64,7 +64,7 @@ class Conn:
         flush or frame), so a burst of tiny tasks costs one header and MAC, not one each."""
         if not self.open:
             return
-        size = sum(_wire.buffer_size(b) for b in payload)
+        size = _wire.payload_size(payload)
         if size > _BATCH_ITEM:
             self.send(_wire.Kind.RESULT, meta, payload, defer=True)
             return
