@@ -522,7 +522,9 @@ def markdown(meta: dict, results: Results) -> str:
     L += ["", "## How it was run", "",
           "Repetitions (fresh processes) and parameters per workload: " + "; ".join(
               f"{w}: {p['reps']}x" + (f" cold + {p['warm_reps']}x warm" if p["warm_reps"]
-                                      else "") + f" {p['params']}"
+                                      else "")
+              + (" (" + ", ".join(f"{s} {n}x" for s, n in p["reps_for"].items()) + ")"
+                 if p.get("reps_for") else "") + f" {p['params']}"
               for w, p in meta["plans"].items()), "",
           "Definitions: *start* is from `Client(...)` (sshpar imported; asyncssh, which the "
           "first SSH connection imports, is counted) until every engine has "
