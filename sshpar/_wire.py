@@ -253,19 +253,27 @@ class Codec:
         for a writer that signs each buffer as it writes it (see :func:`finish_signature`),
         so signing overlaps with sending instead of delaying it.
         """
-        views: list[Any] = [dumps_meta(meta)]
+        first = dumps_meta(meta)
+        views: list[Any] = [first]
+        lengths = [len(first)]
         for s in payload:
-            views.append(s if isinstance(s, (bytes, bytearray)) else memoryview(s).cast("B"))
-        lengths = [len(v) if isinstance(v, (bytes, bytearray)) else v.nbytes for v in views]
-        head = HEADER.pack(MAGIC, VERSION, int(kind), 0, self._send_seq, len(views)) + \
-            _lengths(len(views)).pack(*lengths)
+            if type(s) is bytes or isinstance(s, bytearray):
+                views.append(s)
+                lengths.append(len(s))
+            else:
+                view = memoryview(s).cast("B")
+                views.append(view)
+                lengths.append(view.nbytes)
+        n = len(views)
+        head = HEADER.pack(MAGIC, VERSION, kind, 0, self._send_seq, n) + \
+            _lengths(n).pack(*lengths)
         self._send_seq += 1
+        mac = self._send_mac.copy()
         if sum(lengths) <= _JOIN:
-            body = b"".join([head, *views])
-            mac = self._send_mac.copy()
+            views[0] = head + first
+            body = b"".join(views)
             mac.update(body)
             return [body + mac.digest()]
-        mac = self._send_mac.copy()
         mac.update(head)
         signature = Signature(mac)
         bufs = [head, *views, signature]
