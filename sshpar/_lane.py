@@ -25,7 +25,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from . import _wire
@@ -262,21 +262,15 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return b"".join(parts)
 
 
-def call(lanes: Sequence[Lane], items: Sequence[tuple[TaskRecord, dict, list]],
-         sent: Callable[[], None]) -> None:
+def call(lanes: Sequence[Lane], items: Sequence[tuple[TaskRecord, dict, list]]) -> None:
     """Run one task per lane (``items[i]`` on ``lanes[i]``, each lane locked by the caller)
-    and wait for the results; ``sent()`` is called once the tasks are out (or failed to
-    go), so the caller's bookkeeping overlaps with the engines' work. If the lanes cannot
-    finish (interrupted, broken), each goes to its channel's IO thread, which sees the tasks
-    through; an interrupt is raised again, a broken lane is not (the results come through
-    the channel: wait on the AsyncResult)."""
+    and wait for the results. If the lanes cannot finish (interrupted, broken), each goes to
+    its channel's IO thread, which sees the tasks through; an interrupt is raised again, a
+    broken lane is not (the records finish through the channel: wait on an AsyncResult)."""
     adopted: list[Lane] = []
     try:
-        try:
-            for lane, (rec, meta, payload) in zip(lanes, items):
-                lane.send(rec, meta, payload)
-        finally:
-            sent()
+        for lane, (rec, meta, payload) in zip(lanes, items):
+            lane.send(rec, meta, payload)
         for lane in lanes:
             lane.receive()
     except BaseException as exc:

@@ -269,24 +269,8 @@ class AsyncResult(concurrent.futures.Future):
         with self._lock:
             if self._outcome is not _UNSET:
                 return self._outcome
-        values: list[Any] = []
-        errors: list[BaseException] = []
-        for rec in self._records:
-            ok, v = rec.outcome()
-            (values if ok else errors).append(v)
-        if errors:
-            if self._single:
-                outcome: tuple[bool, Any] = (False, errors[0])
-            else:
-                remote = [e if isinstance(e, RemoteError) else _as_remote(e) for e in errors]
-                outcome = (False, CompositeError(
-                    f"one or more exceptions raised in {self._fname or 'the call'} on "
-                    f"{len(errors)} of {len(self._records)} engine(s)", remote))
-        else:
-            value: Any = values[0] if self._single else values
-            if self._postprocess is not None:
-                value = self._postprocess(value)
-            outcome = (True, value)
+        outcome = resolve(self._records, single=self._single, fname=self._fname,
+                          postprocess=self._postprocess)
         with self._lock:
             if self._outcome is _UNSET:
                 self._outcome = outcome
@@ -422,6 +406,29 @@ class AsyncMapResult(AsyncResult):
             if not ok:
                 raise value
             yield from value
+
+
+def resolve(records: Sequence[TaskRecord], *, single: bool, fname: str,
+            postprocess: Callable[[Any], Any] | None) -> tuple[bool, Any]:
+    """(True, value) or (False, exception) of finished tasks: a value for one engine
+    (``single``), a list in target order for several, or the error (CompositeError for
+    several engines)."""
+    values: list[Any] = []
+    errors: list[BaseException] = []
+    for rec in records:
+        ok, v = rec.outcome()
+        (values if ok else errors).append(v)
+    if errors:
+        if single:
+            return False, errors[0]
+        remote = [e if isinstance(e, RemoteError) else _as_remote(e) for e in errors]
+        return False, CompositeError(
+            f"one or more exceptions raised in {fname or 'the call'} on "
+            f"{len(errors)} of {len(records)} engine(s)", remote)
+    value: Any = values[0] if single else values
+    if postprocess is not None:
+        value = postprocess(value)
+    return True, value
 
 
 def _as_remote(exc: BaseException) -> RemoteError:

@@ -21,7 +21,7 @@ from ._channel import EngineChannel
 from ._lane import Lane
 from ._loop import LoopThread
 from ._session import Cluster, new_key
-from .asyncresult import AsyncResult, TaskRecord, keep_running_note
+from .asyncresult import AsyncResult, TaskRecord, keep_running_note, resolve
 from .config import ClusterSpec, load_hosts
 from .errors import ConfigError, EngineError, EngineInfo, NoEnginesError
 from .view import DirectView, Targets
@@ -239,52 +239,59 @@ class Client:
                 fname: str, postprocess: Any = None,
                 result_class: type[AsyncResult] = AsyncResult,
                 code_files: set[str] | frozenset[str] = frozenset(),
-                limit: float | None = None, direct: bool = False) -> AsyncResult:
-        """Send one task per engine (``payloads[i]`` to ``ids[i]``). Never blocks, unless
-        ``direct``: then, if every engine is idle and has a direct lane, the calling thread
-        runs the tasks itself and returns once they are done (see _lane.py)."""
+                limit: float | None = None, block: bool = False) -> Any:
+        """Send one task per engine (``payloads[i]`` to ``ids[i]``); return the AsyncResult,
+        or with ``block`` wait and return the result itself.
+
+        A blocking call to engines that are idle and have a direct lane is run by the calling
+        thread itself (see _lane.py), and its value comes straight from the task records: no
+        AsyncResult is made unless the call cannot finish there.
+        """
         if self._closed:
             raise NoEnginesError("this client is closed")
         now = time.time()
-        records = []
         channels: list[EngineChannel] = []
-        for eid in ids:
+        items = []
+        for eid, payload in zip(ids, payloads):
             ch = self._cluster.engines[eid]
             # unique across clients (random prefix) and cheap (a counter)
-            records.append(TaskRecord(f"{self._id_prefix}{next(self._ids):x}", ch.info, now))
-            channels.append(ch)
-        items = []
-        for ch, rec, payload in zip(channels, records, payloads):
+            rec = TaskRecord(f"{self._id_prefix}{next(self._ids):x}", ch.info, now)
+            self.history.append(rec.msg_id)
             meta: dict[str, Any] = {"msg_id": rec.msg_id}
             if limit:
                 meta["timeout"] = float(limit)
             sources = ch.sources_for(code_files) if code_files else None
             if sources:
                 meta["sources"] = sources
+            channels.append(ch)
             items.append((rec, meta, payload))
-
-        def track() -> AsyncResult:
-            ar = result_class(records, single=single, fname=fname, postprocess=postprocess)
-            ar._client = self
-            for rec in records:
-                self._results[rec.msg_id] = ar
-                self._unclaimed[rec.msg_id] = ar
-                self.history.append(rec.msg_id)
-            return ar
-
-        lanes = self._lanes(channels) if direct else None
+        records = [rec for rec, _, _ in items]
+        how: dict[str, Any] = {"single": single, "fname": fname, "postprocess": postprocess}
+        lanes = self._lanes(channels) if block else None
         if lanes is None:
-            ar = track()
+            ar = self._track(result_class(records, **how))
             for ch, item in zip(channels, items):
                 ch.submit(*item)
-            return ar
-        tracked: list[AsyncResult] = []
-        try:  # the result is tracked while the engines work, not before they can start
-            _lane.call(lanes, items, lambda: tracked.append(track()))
+            return ar.get() if block else ar
+        try:
+            _lane.call(lanes, items)
         except BaseException as exc:
+            self._track(result_class(records, **how))  # still to be had: rc.get_result(id)
             keep_running_note(exc, [rec.msg_id for rec in records])
             raise
-        return tracked[0]
+        if any(not rec.done for rec in records):  # a lane broke: the rest comes by channel
+            return self._track(result_class(records, **how)).get()
+        ok, value = resolve(records, **how)
+        if not ok:
+            raise value
+        return value
+
+    def _track(self, ar: AsyncResult) -> AsyncResult:
+        ar._client = self
+        for msg_id in ar.msg_ids:
+            self._results[msg_id] = ar
+            self._unclaimed[msg_id] = ar
+        return ar
 
     @staticmethod
     def _lanes(channels: Sequence[EngineChannel]) -> list[Lane] | None:

@@ -113,11 +113,9 @@ class DirectView:
         name = fname or str(getattr(f, "__name__", type(f).__name__))
         files: set[str] = set()
         payload = _pickle_call(f, args, kwargs, name, files)
-        blocking = self._is_blocking(block)
-        ar = self.client._submit(ids, single, [payload] * len(ids), fname=name,
-                                 postprocess=postprocess, code_files=files,
-                                 limit=self.timeout, direct=blocking)
-        return ar.get() if blocking else ar
+        return self.client._submit(ids, single, [payload] * len(ids), fname=name,
+                                   postprocess=postprocess, code_files=files,
+                                   limit=self.timeout, block=self._is_blocking(block))
 
     def apply(self, f: Callable, /, *args: Any, **kwargs: Any) -> Any:
         """Call ``f(*args, **kwargs)`` on the engines; blocks if ``self.block``.
@@ -212,11 +210,10 @@ class DirectView:
         """Call ``f(*per_engine[i])`` on engine ``ids[i]``: one payload each."""
         files: set[str] = set()
         payloads = [_pickle_call(f, args, {}, fname, files) for args in per_engine]
-        blocking = self._is_blocking(block)
-        ar = self.client._submit(ids, single, payloads, fname=fname, postprocess=postprocess,
-                                 result_class=result_class, code_files=files,
-                                 limit=self.timeout, direct=blocking)
-        return ar.get() if blocking else ar
+        return self.client._submit(ids, single, payloads, fname=fname,
+                                   postprocess=postprocess, result_class=result_class,
+                                   code_files=files, limit=self.timeout,
+                                   block=self._is_blocking(block))
 
     def map(self, f: Callable, *sequences: Any, block: bool | None = None) -> Any:
         """``list(map(f, *sequences))``, the sequences split evenly across the engines.
