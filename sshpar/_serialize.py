@@ -130,9 +130,9 @@ class _FunctionPickles:
     def dumps(self, f: Callable, what: str, code_files: set[str]) -> bytes:
         captured = self._captures(f, 0)
         entry = self._entries.get(id(f))
+        # Captures are immutable values (see _immutable): equal ones pickle the same.
         if (entry is not None and captured is not None and entry[0]() is f
-                and len(entry[1]) == len(captured)
-                and all(a is b for a, b in zip(entry[1], captured))):
+                and entry[1] == captured):
             code_files.update(entry[3])
             return entry[2]
         files: set[str] = set()

@@ -413,6 +413,8 @@ def resolve(records: Sequence[TaskRecord], *, single: bool, fname: str,
     """(True, value) or (False, exception) of finished tasks: a value for one engine
     (``single``), a list in target order for several, or the error (CompositeError for
     several engines)."""
+    if single and postprocess is None:
+        return records[0].outcome()
     values: list[Any] = []
     errors: list[BaseException] = []
     for rec in records:

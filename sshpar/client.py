@@ -251,6 +251,7 @@ class Client:
             raise NoEnginesError("this client is closed")
         now = time.time()
         channels: list[EngineChannel] = []
+        records: list[TaskRecord] = []
         items = []
         for eid, payload in zip(ids, payloads):
             ch = self._cluster.engines[eid]
@@ -264,24 +265,28 @@ class Client:
             if sources:
                 meta["sources"] = sources
             channels.append(ch)
+            records.append(rec)
             items.append((rec, meta, payload))
-        records = [rec for rec, _, _ in items]
-        how: dict[str, Any] = {"single": single, "fname": fname, "postprocess": postprocess}
         lanes = self._lanes(channels) if block else None
         if lanes is None:
-            ar = self._track(result_class(records, **how))
+            ar = self._track(result_class(records, single=single, fname=fname,
+                                          postprocess=postprocess))
             for ch, item in zip(channels, items):
                 ch.submit(*item)
             return ar.get() if block else ar
         try:
             _lane.call(lanes, items)
         except BaseException as exc:
-            self._track(result_class(records, **how))  # still to be had: rc.get_result(id)
+            # still to be had: rc.get_result(msg_id)
+            self._track(result_class(records, single=single, fname=fname,
+                                     postprocess=postprocess))
             keep_running_note(exc, [rec.msg_id for rec in records])
             raise
-        if any(not rec.done for rec in records):  # a lane broke: the rest comes by channel
-            return self._track(result_class(records, **how)).get()
-        ok, value = resolve(records, **how)
+        for rec in records:
+            if not rec.done:  # a lane broke: the rest comes through the channel
+                return self._track(result_class(records, single=single, fname=fname,
+                                                postprocess=postprocess)).get()
+        ok, value = resolve(records, single=single, fname=fname, postprocess=postprocess)
         if not ok:
             raise value
         return value
