@@ -248,8 +248,8 @@ class Daemon:
         if conn is None or not conn.open:
             return
         for stream in (task.stdout, task.stderr):
-            if len(stream.parts) == task.sent[stream.name]:
-                continue  # nothing new
+            if stream is None or len(stream.parts) == task.sent[stream.name]:
+                continue  # nothing written, or nothing new
             text, nxt = stream.take(task.sent[stream.name])
             if text:
                 task.sent[stream.name] = nxt

@@ -39,9 +39,11 @@ class Namespace(dict):
     """The engine's user namespace (a real dict: functions use it as their globals)."""
 
 
-class TaskOutput(io.TextIOBase):
-    """sys.stdout / sys.stderr while a task runs: kept for the result; the daemon streams
-    what is new (:meth:`take`) while the task runs."""
+class TaskOutput:
+    """What a task wrote to one stream (made at its first write): kept for the result; the
+    daemon streams what is new (:meth:`take`) while the task runs."""
+
+    __slots__ = ("name", "parts", "size", "truncated", "_lock")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -50,12 +52,7 @@ class TaskOutput(io.TextIOBase):
         self.truncated = False
         self._lock = threading.Lock()
 
-    def writable(self) -> bool:
-        return True
-
     def write(self, s: str) -> int:
-        if not isinstance(s, str):
-            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         with self._lock:
             if self.truncated:
                 return len(s)
@@ -68,12 +65,6 @@ class TaskOutput(io.TextIOBase):
             self.size += len(s)
         return len(s)
 
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return False
-
     def take(self, start: int) -> tuple[str, int]:
         """Text written since part ``start``, and the index to start from next time."""
         with self._lock:
@@ -85,6 +76,37 @@ class TaskOutput(io.TextIOBase):
             return ""
         with self._lock:
             return "".join(self.parts)
+
+
+class _Route(io.TextIOBase):
+    """sys.stdout or sys.stderr while tasks run: a write goes to the output of the task
+    running at that moment (so a thread a task left behind writes into a later task's, as
+    in ipyparallel); between tasks, to the engine's own stream."""
+
+    def __init__(self, executor: Executor, name: str) -> None:
+        self._executor = executor
+        self.name = name
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        task = self._executor.current
+        if task is None:
+            own = getattr(sys, f"__{self.name}__", None)
+            return own.write(s) if own is not None else len(s)
+        return task.output(self.name).write(s)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+_MADE = threading.Lock()  # a task's output streams are made once
 
 
 class Task:
@@ -101,8 +123,8 @@ class Task:
         self.payload = payload
         self.fn_digest = fn_digest  # of the function's pickle (payload[0]), when known
         self.owner = owner
-        self.stdout = TaskOutput("stdout")
-        self.stderr = TaskOutput("stderr")
+        self.stdout: TaskOutput | None = None  # made at the first write: see output()
+        self.stderr: TaskOutput | None = None
         self.sent = {"stdout": 0, "stderr": 0}
         self.started = self.completed = 0.0
         self.status = "pending"
@@ -112,6 +134,16 @@ class Task:
         self.aborted = False
         self.queued_at = 0.0
 
+    def output(self, name: str) -> TaskOutput:
+        out = self.stdout if name == "stdout" else self.stderr
+        if out is None:
+            with _MADE:
+                out = self.stdout if name == "stdout" else self.stderr
+                if out is None:
+                    out = TaskOutput(name)
+                    setattr(self, name, out)
+        return out
+
     def result_meta(self) -> dict:
         return {
             "msg_id": self.msg_id,
@@ -119,8 +151,8 @@ class Task:
             "queued_at": self.queued_at,
             "started": self.started,
             "completed": self.completed,
-            "stdout": self.stdout.getvalue(),
-            "stderr": self.stderr.getvalue(),
+            "stdout": self.stdout.getvalue() if self.stdout is not None else "",
+            "stderr": self.stderr.getvalue() if self.stderr is not None else "",
             "error": self.error,
             "result_type": self.result_type,
         }
@@ -139,6 +171,7 @@ class Executor:
         self.current: Task | None = None
         self.in_user_code = False          # the SIGINT handler raises only while this holds
         self.timeout_hit: str | None = None
+        self._routes = (_Route(self, "stdout"), _Route(self, "stderr"))
 
     def run(self, task: Task) -> None:
         self.current = task
@@ -146,7 +179,7 @@ class Executor:
         for filename, text in (task.meta.get("sources") or {}).items():
             linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
         saved = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = task.stdout, task.stderr
+        sys.stdout, sys.stderr = self._routes
         try:
             f = self.function(task.payload[0], task.fn_digest)
             args, kwargs = _serialize.loads(task.payload[1:])

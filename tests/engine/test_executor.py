@@ -103,3 +103,25 @@ def test_a_function_writing_globals_starts_from_what_it_brought(module: str) -> 
     f.__globals__["ticks"] = 0
     got = [call(ex, f) for _ in range(3)]
     assert got == ([1, 2, 3] if module == "__main__" else [1, 1, 1])
+
+
+def test_output_goes_to_the_task_running_when_it_is_written() -> None:
+    # A thread that a task leaves behind writes into the task running at the time (as in
+    # ipyparallel), not into a finished task's output that nobody will see again.
+    ex = Executor()
+    start = defined("def start():\n    global go, t\n    import threading\n"
+                    "    go = threading.Event()\n"
+                    "    t = threading.Thread(target=lambda: (go.wait(30), print('late')))\n"
+                    "    t.start()\n    print('first')\n", "start")
+    finish = defined("def finish():\n    go.set()\n    t.join(30)\n    print('second')\n",
+                     "finish")
+    first = Task("t-start", {}, _serialize.dumps_call(start, (), {}, what="f",
+                                                      code_files=set()), None)
+    ex.run(first)
+    second = Task("t-finish", {}, _serialize.dumps_call(finish, (), {}, what="f",
+                                                        code_files=set()), None)
+    ex.run(second)
+    assert first.status == second.status == "ok"
+    assert first.result_meta()["stdout"] == "first\n"
+    assert second.result_meta()["stdout"] == "late\nsecond\n"
+    assert second.result_meta()["stderr"] == ""
