@@ -88,8 +88,8 @@ class Plan:
 
 
 #: The apply target compares the p50 of two systems; one process's p50 moves by 10-20% with
-#: where the scheduler puts its processes on 2 cores, so these take the median of three.
-_RATIO_REPS = {"sshpar-ssh": 3, "raw-ssh": 3, "sshpar-local": 3}
+#: where the scheduler puts its processes on 2 cores, so these take the median of several.
+_RATIO_REPS = {"sshpar-ssh": 5, "raw-ssh": 5, "sshpar-local": 3}
 
 
 def plans(quick: bool) -> dict[str, Plan]:

@@ -183,8 +183,10 @@ class Executor:
         try:
             f = self.function(task.payload[0], task.fn_digest)
             args, kwargs = _serialize.loads(task.payload[1:])
-            args = resolve_references(args, self.namespace)
-            kwargs = resolve_references(kwargs, self.namespace)
+            if args:
+                args = resolve_references(args, self.namespace)
+            if kwargs:
+                kwargs = resolve_references(kwargs, self.namespace)
             self.in_user_code = True
             try:
                 value = f(*args, **kwargs)
@@ -346,8 +348,12 @@ class _Kept:
                 or f.__kwdefaults__ is not None):
             return False
         g, snapshot = self.globals, self.snapshot
-        return not snapshot or (len(g) == len(snapshot)
-                                and all(g.get(k, _MISSING) is v for k, v in snapshot))
+        if snapshot and len(g) != len(snapshot):
+            return False
+        for k, v in snapshot:
+            if g.get(k, _MISSING) is not v:
+                return False
+        return True
 
 
 def _fixed(value: Any, depth: int = 0) -> bool:
