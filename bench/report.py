@@ -437,13 +437,15 @@ def _apply_next(cs: dict, cr: dict, sa: dict, ra: dict) -> str:
         text += (f" Each call makes {sends:.1f} socket sends on the client (the raw pipe: 1): "
                  "asyncssh puts an SSH_MSG_IGNORE packet before every data packet.")
     text += (" Blocking calls take the direct lane (the calling thread, an OpenSSH `ssh -L` "
-             "forwarder, sshd, the engine: the raw pipe's path), so what remains over the raw "
-             "pipe is sshpar's own per-call work: framing and signing both ways, the task "
-             "record and AsyncResult on the client, and on the engine unpickling the function "
-             "(sent by value from `__main__`), capturing its output and signing the reply. "
-             "Next: let the engine keep the unpickled function where the client already "
-             "reuses its pickle (nothing it captures can change), and a leaner task record "
-             "on both sides.")
+             "forwarder, sshd, the engine: the raw pipe's path); the engine keeps functions "
+             "unpickled, and a blocking call returns its value from its task record. What "
+             "remains over the raw pipe is sshpar's own per-call work, about 20 µs at each "
+             "end on an idle CPU: the signed envelope both ways (an HMAC and a pickled "
+             "header per frame), the task record, and on the engine the reactor and the "
+             "task's bookkeeping. With four processes on two cores that work costs the round "
+             "trip two to three times its own time (measured). Next: a smaller result "
+             "envelope (fields sent only when set) and the engine's wake-up path (selector "
+             "and dispatch) as the candidates; the profiles below show the rest.")
     return text
 
 
