@@ -472,14 +472,16 @@ def _bulk_next(sb: dict, rb: dict) -> str:
                      "it writes it, so signing does not overlap with sending; signing as it "
                      "sends, as the engine does, would")
     if rb.get("pull_MBps") and sb.get("pull_MBps") and sb["pull_MBps"] < 0.9 * rb["pull_MBps"]:
-        notes.append("blocking push and pull take the direct lane through the OpenSSH "
-                     "forwarder; a pull is the first large transfer from the host on its "
-                     "fresh connection, and this run measures exactly one per process "
-                     "(a second pull of the same array runs ~20% faster, as fast as the "
-                     "main connection's). On two cores the forwarder is also a fourth busy "
-                     "process (ssh, sshd, engine, client). Candidates: start the forwarder "
-                     "with the cluster so its connection is warm, or send results above a "
-                     "size back over the main connection")
+        notes.append("a large result comes over the main (asyncssh) connection, whose IO "
+                     "thread decrypts it (AES-GCM, in C), handles each 32 KiB SSH packet in "
+                     "Python and checks the frame's HMAC-SHA256 over every byte (about a "
+                     "quarter of its time, py-spy); the raw pipe's ssh does the first in C "
+                     "and nothing else. The raw pull also varies most run to run (460-605 "
+                     "MB/s over this session's runs). Measured and dropped: larger SSH packets "
+                     "(256 KiB: half the throughput in asyncssh) and pulling over the "
+                     "OpenSSH lane (a fourth busy process on two cores). Candidate: verify "
+                     "the MAC of large segments in a helper thread (hashing releases the "
+                     "GIL) while the IO thread decrypts the next packets")
     if sb.get("rss_ratio", 0) > 1.2:
         notes.append("client RSS over 1.2x means an extra copy of the array on the client")
     return "; ".join(notes) or "see the figures above"
