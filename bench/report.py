@@ -478,10 +478,11 @@ def _bulk_next(sb: dict, rb: dict) -> str:
                      "quarter of its time, py-spy); the raw pipe's ssh does the first in C "
                      "and nothing else. The raw pull also varies most run to run (460-605 "
                      "MB/s over this session's runs). Measured and dropped: larger SSH packets "
-                     "(256 KiB: half the throughput in asyncssh) and pulling over the "
-                     "OpenSSH lane (a fourth busy process on two cores). Candidate: verify "
-                     "the MAC of large segments in a helper thread (hashing releases the "
-                     "GIL) while the IO thread decrypts the next packets")
+                     "(256 KiB: half the throughput in asyncssh), pulling over the OpenSSH "
+                     "lane (a fourth busy process on two cores) and hashing large segments in "
+                     "a helper thread (it waits for the GIL the IO thread holds: 370 against "
+                     "485 MB/s). Candidate: fewer Python steps per SSH packet on the IO thread "
+                     "(asyncssh's receive path is most of the rest)")
     if sb.get("rss_ratio", 0) > 1.2:
         notes.append("client RSS over 1.2x means an extra copy of the array on the client")
     return "; ".join(notes) or "see the figures above"
