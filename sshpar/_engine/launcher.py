@@ -89,6 +89,9 @@ def main(argv: list[str]) -> None:
         "runtime_dir": run_dir,
     }) + "\n")
     sys.stdout.flush()
+    # Done: the client waits for this process to end. Tearing down an interpreter that has
+    # imported the engine's modules took ~17 ms; there is nothing left to clean up.
+    os._exit(0)
 
 
 def spawn(run_nanny: Any, conf: dict, run_dir: str, log_dir: str) -> tuple:
