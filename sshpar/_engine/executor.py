@@ -235,7 +235,7 @@ class Executor:
             if kept is None:
                 self._kept.pop(digest, None)
             else:
-                if len(self._kept) >= FUNCTIONS_KEPT:
+                if len(self._kept) >= UNPICKLED_KEPT:
                     self._kept.clear()
                 self._kept[digest] = kept
         return f
@@ -307,7 +307,7 @@ class Executor:
 
 _MISSING = object()
 #: At most this many functions are kept unpickled (see Executor.function).
-FUNCTIONS_KEPT = 512
+UNPICKLED_KEPT = 512
 _DATA = frozenset({int, float, complex, str, bytes, bool, type(None), type(...)})
 
 
