@@ -16,9 +16,8 @@ import logging
 import os
 import re
 import shutil
-import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -202,36 +201,7 @@ def render_lines(err: RemoteError, *, width: int | None = None) -> list[str]:
     return buf.getvalue().splitlines()
 
 
-# -- uncaught errors in a terminal -----------------------------------------------------------
-ExceptHook = Callable[..., Any]
-
-
-def install_excepthook() -> None:
-    """Print uncaught RemoteErrors with rich when stderr is a terminal; idempotent.
-
-    Anything else (and any RemoteError when stderr is not a terminal) goes to the hook that
-    was installed before, untouched.
-    """
-    previous: ExceptHook = sys.excepthook
-    if getattr(previous, "_sshpar_previous", None) is not None:
-        return
-
-    def excepthook(etype: type[BaseException], value: BaseException,
-                   tb: TracebackType | None) -> None:
-        stream = sys.stderr
-        if isinstance(value, RemoteError) and _isatty(stream):
-            try:
-                print_uncaught(value, tb, stream)
-            except Exception:  # the plain hook below still reports the error
-                log.debug("rendering an uncaught RemoteError failed", exc_info=True)
-            else:
-                return
-        previous(etype, value, tb)
-
-    excepthook._sshpar_previous = previous  # type: ignore[attr-defined]
-    sys.excepthook = excepthook
-
-
+# -- uncaught errors in a terminal (see _excepthook.py) -------------------------------------
 def print_uncaught(err: RemoteError, tb: TracebackType | None, stream: Any) -> None:
     """Where the client was (its own frames, not sshpar's), then the remote error rendered."""
     console = Console(file=stream)
@@ -241,10 +211,3 @@ def print_uncaught(err: RemoteError, tb: TracebackType | None, stream: Any) -> N
         console.print(Text(_TB_HEADER + "\n" + "".join(traceback.format_list(local)).rstrip(),
                            style="dim"))
     console.print(err)
-
-
-def _isatty(stream: Any) -> bool:
-    try:
-        return bool(stream.isatty())
-    except Exception:  # noqa: BLE001 - a closed or odd stream is not a terminal
-        return False

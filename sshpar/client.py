@@ -18,6 +18,7 @@ from typing import Any
 
 from . import _clusterfile, _lane
 from ._channel import EngineChannel
+from ._excepthook import install_excepthook
 from ._lane import Lane
 from ._loop import LoopThread
 from ._session import Cluster, new_key
@@ -83,9 +84,7 @@ class Client:
             self._io.stop()
             raise
         self._closed = False
-        from . import _render  # rich loads only once a client exists
-
-        _render.install_excepthook()
+        install_excepthook()  # rich loads only when there is a RemoteError to print
         self.start_errors: dict[str, BaseException] = dict(self._cluster.start_errors)
         # At interpreter exit, disconnect cleanly (engines keep running, as with close()).
         ref = weakref.ref(self)

@@ -15,7 +15,7 @@ import sys
 import pytest
 from rich.console import Console
 
-from sshpar import _render
+from sshpar import _excepthook, _render
 from sshpar._engine.executor import error_record
 from sshpar.errors import CompositeError, EngineInfo, RemoteError
 
@@ -213,7 +213,7 @@ def hook_calls(monkeypatch: pytest.MonkeyPatch) -> list:
 def test_excepthook_renders_uncaught_remote_errors_on_a_terminal(monkeypatch, hook_calls) -> None:
     stderr = FakeTTY()
     monkeypatch.setattr(sys, "stderr", stderr)
-    _render.install_excepthook()
+    _excepthook.install_excepthook()
     err = remote_error("divide(2)")
     try:
         raise err
@@ -233,15 +233,15 @@ def test_excepthook_renders_uncaught_remote_errors_on_a_terminal(monkeypatch, ho
 
 def test_excepthook_is_installed_once(hook_calls) -> None:
     previous = sys.excepthook
-    _render.install_excepthook()
+    _excepthook.install_excepthook()
     hook = sys.excepthook
-    _render.install_excepthook()
+    _excepthook.install_excepthook()
     assert sys.excepthook is hook and hook._sshpar_previous is previous
 
 
 def test_excepthook_falls_through_when_stderr_is_not_a_terminal(monkeypatch, hook_calls) -> None:
     monkeypatch.setattr(sys, "stderr", io.StringIO())
-    _render.install_excepthook()
+    _excepthook.install_excepthook()
     err = remote_error("divide(2)")
     sys.excepthook(type(err), err, None)
     assert hook_calls == [(type(err), err, None)]
