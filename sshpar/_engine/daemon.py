@@ -85,6 +85,12 @@ class Daemon:
     def serve(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self._exit(0))
         signal.signal(signal.SIGINT, self._on_sigint)
+        # The kernel may hand a signal to another thread (the sentry, a handshake): Python
+        # then only sets a flag that the main thread reads when it next runs Python code,
+        # and idle in epoll_wait that is never (a SIGTERM went unanswered). A signal also
+        # writes a byte to the reactor's wake-up socket, so the main thread wakes and runs
+        # the handler.
+        signal.set_wakeup_fd(self.reactor.wake_fileno(), warn_on_full_buffer=False)
         self.io_lock.acquire()
         threading.Thread(target=self._sentry, name="sshpar-sentry", daemon=True).start()
         self._arm_idle()
@@ -171,8 +177,11 @@ class Daemon:
 
     def _exit(self, code: int) -> None:
         self._remove_socket()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - e.g. a SIGTERM in the middle of a log write
+                pass  # ("reentrant call"): whatever happens, the engine must exit
         os._exit(code)
 
     def _remove_socket(self) -> None:

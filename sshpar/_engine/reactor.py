@@ -219,6 +219,10 @@ class Reactor:
         except (BlockingIOError, OSError):
             pass  # a wake-up is already pending, or we are exiting
 
+    def wake_fileno(self) -> int:
+        """The descriptor :meth:`wake` writes to (non-blocking), for signal.set_wakeup_fd."""
+        return self._wake_w.fileno()
+
     # -- the io_lock holder -------------------------------------------------------------------
     def poll(self, timeout: float | None) -> None:
         """Wait up to ``timeout`` s (None: until something happens) and handle what did."""

@@ -121,13 +121,19 @@ class AsyncsshTransport(Transport):
             raise _map_error(self.spec, exc, via=self.spec.proxy_jump or "") from exc
         # sshd turns on TCP_NODELAY for a connection only once a session asks for a pty;
         # without it, small replies over forwarded channels stall ~40 ms (Nagle + delayed
-        # ACK). A tiny pty session held open for the connection's life prevents that.
+        # ACK). A tiny pty session held open for the connection's life prevents that. Not
+        # awaited: the first session on a connection waits ~40 ms for exactly that reason,
+        # and the launch that follows shares the wait instead of adding its own.
+        self._keeper = asyncio.ensure_future(self._hold_pty(self._conn))
+
+    async def _hold_pty(self, conn: asyncssh.SSHClientConnection) -> Any:
         try:
-            self._keeper = await self._conn.create_process(
-                "exec cat >/dev/null", term_type="dumb", encoding=None)
+            return await conn.create_process("exec cat >/dev/null", term_type="dumb",
+                                             encoding=None)
         except Exception as exc:  # noqa: BLE001 - latency, not correctness
             log.info("%s: could not open the pty keeper session (%s); replies may be "
                      "delayed by Nagle's algorithm", self.label, exc)
+            return None
 
     async def run(self, command: str, *, input: bytes = b"", timeout: float) -> CommandResult:
         conn = self._require()

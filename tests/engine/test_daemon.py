@@ -757,6 +757,42 @@ def test_sigterm_stops_the_engine_and_removes_its_socket(launcher: EngineLaunche
     assert not os.path.exists(eng.socket)
 
 
+def test_a_sigterm_another_thread_takes_still_stops_an_idle_engine(
+        launcher: EngineLauncher) -> None:
+    # The kernel may hand a process-directed signal to any thread. Python then only sets a
+    # flag for the main thread, which, idle in epoll_wait with a client connected, would
+    # never look at it: the engine must wake up and exit all the same.
+    (eng,) = launcher.launch().engines
+    send_later = main_function("""
+        def send_later():
+            import os, signal, threading, time
+            main = os.getpid()  # the main thread's tid (threading's may predate a fork)
+            def run():
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:  # until the engine waits for work again
+                    with open(f"/proc/self/task/{main}/wchan") as f:
+                        if "epoll" in f.read():
+                            break
+                    time.sleep(0.001)
+                signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+            threading.Thread(target=run, daemon=True).start()
+            return os.getpid()
+        """, "send_later")
+
+    async def scenario() -> tuple[int, bool]:
+        c = await EngineClient.connect(eng)
+        try:
+            pid = await c.call(send_later)
+            # still connected, and sending nothing: only the signal can wake the engine
+            return pid, wait_for_exit(eng.pid, EXIT_TIMEOUT)
+        finally:
+            await c.close()
+
+    pid, exited = run(scenario)
+    assert pid == eng.pid
+    assert exited, "the engine sat on a SIGTERM that another thread received"
+
+
 def test_idle_engine_exits_after_its_last_client_leaves(launcher: EngineLauncher) -> None:
     # 2 s rather than 1 leaves the engine's first idle period (from start to our connect)
     # comfortably longer than a loaded machine takes to connect.
