@@ -1,7 +1,7 @@
 """The hook that prints an uncaught RemoteError with rich, installed by every Client.
 
 Layer: API. Rich is imported (through _render) only when there is an error to print, so a
-client starts without it (~40 ms of imports).
+client starts without it (tens of milliseconds of imports).
 """
 
 from __future__ import annotations

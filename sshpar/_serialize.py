@@ -91,6 +91,8 @@ def _all_plain(items: tuple) -> bool:
 def dumps_call(f: Callable, args: tuple, kwargs: dict, *, what: str,
                code_files: set[str]) -> list:
     """A call as segments: the function, then ``(args, kwargs)`` and its out-of-band buffers.
+    The engine unpickles the first with pickle (keeping it: ``Executor.function``) and the
+    rest with :func:`loads`.
 
     Raises SerializationError naming the function (``what``) or ``(args, kwargs)``.
     """
@@ -98,13 +100,6 @@ def dumps_call(f: Callable, args: tuple, kwargs: dict, *, what: str,
     if not args and not kwargs:
         return [fdata, _NO_ARGUMENTS]
     return [fdata, *dumps((args, kwargs), what="the arguments", code_files=code_files)]
-
-
-def loads_call(segments: Sequence[Any]) -> tuple[Callable, tuple, dict]:
-    """The inverse of :func:`dumps_call`."""
-    f = pickle.loads(segments[0])
-    args, kwargs = loads(segments[1:])
-    return f, args, kwargs
 
 
 class _FunctionPickles:

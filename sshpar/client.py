@@ -266,36 +266,33 @@ class Client:
             channels.append(ch)
             records.append(rec)
             items.append((rec, meta, payload))
+        def tracked() -> AsyncResult:
+            ar = result_class(records, single=single, fname=fname, postprocess=postprocess)
+            ar._client = self
+            for rec in records:
+                self._results[rec.msg_id] = ar
+                self._unclaimed[rec.msg_id] = ar
+            return ar
+
         lanes = self._lanes(channels) if block else None
         if lanes is None:
-            ar = self._track(result_class(records, single=single, fname=fname,
-                                          postprocess=postprocess))
+            ar = tracked()
             for ch, item in zip(channels, items):
                 ch.submit(*item)
             return ar.get() if block else ar
         try:
             _lane.call(lanes, items)
         except BaseException as exc:
-            # still to be had: rc.get_result(msg_id)
-            self._track(result_class(records, single=single, fname=fname,
-                                     postprocess=postprocess))
+            tracked()  # still to be had: rc.get_result(msg_id)
             keep_running_note(exc, [rec.msg_id for rec in records])
             raise
         for rec in records:
             if not rec.done:  # a lane broke: the rest comes through the channel
-                return self._track(result_class(records, single=single, fname=fname,
-                                                postprocess=postprocess)).get()
+                return tracked().get()
         ok, value = resolve(records, single=single, fname=fname, postprocess=postprocess)
         if not ok:
             raise value
         return value
-
-    def _track(self, ar: AsyncResult) -> AsyncResult:
-        ar._client = self
-        for msg_id in ar.msg_ids:
-            self._results[msg_id] = ar
-            self._unclaimed[msg_id] = ar
-        return ar
 
     @staticmethod
     def _lanes(channels: Sequence[EngineChannel]) -> list[Lane] | None:

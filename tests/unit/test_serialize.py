@@ -6,6 +6,7 @@ value with what they capture, as it does for a user's script or notebook.
 
 from __future__ import annotations
 
+import pickle
 import threading
 from typing import Any
 
@@ -27,7 +28,8 @@ def remote_call(f: Any, *args: Any, **kwargs: Any) -> Any:
     files: set[str] = set()
     segments = [bytes(s) for s in _serialize.dumps_call(f, args, kwargs, what="f",
                                                          code_files=files)]
-    g, a, k = _serialize.loads_call(segments)
+    g = pickle.loads(segments[0])                     # the engine: Executor.function
+    a, k = _serialize.loads(segments[1:])
     return g(*a, **k)
 
 
