@@ -105,6 +105,24 @@ class SSHServer:
             # so we wait for that): orphans go to PID 1, and some containers' PID 1 reaps late
             # or never, leaving `[sshd] <defunct>` entries behind.
             _terminate(_sshd_descendants(self.proc.pid, zombies=True))
+            # A client may have logged in again while those ended (sshd-tested clients
+            # reconnect within milliseconds). Freeze the listener so that it accepts no more,
+            # have it stop when it wakes, and end what it accepted meanwhile.
+            os.kill(self.proc.pid, signal.SIGSTOP)
+            os.kill(self.proc.pid, signal.SIGTERM)
+            late = _sshd_descendants(self.proc.pid, zombies=True)
+            for pid in late:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            os.kill(self.proc.pid, signal.SIGCONT)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(STOP_TIMEOUT)
+            _terminate(late)
         if self.proc.poll() is None:
             self.proc.terminate()
             try:

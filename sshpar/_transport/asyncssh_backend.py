@@ -6,15 +6,16 @@ Layer: transport. The only module that imports asyncssh; its exceptions become s
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes.util
 import logging
 import os
 import shlex
 import socket
+import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
-
-import asyncssh
 
 from ..config import HostSpec
 from ..errors import ConnectTimeoutError, HostError, HostUnreachableError
@@ -34,6 +35,42 @@ from .base import (
     connect_timed_out,
     host_key_unknown,
 )
+
+#: Parts of asyncssh that sshpar never uses and that cost a start time when imported:
+#: X.509 certificate support (OpenSSH does not speak it, and asyncssh has it only with
+#: pyOpenSSL installed, which sshpar does not need; trying loads cryptography's x509 package,
+#: ~16 ms). asyncssh treats it as optional and works without it.
+_SKIPPED_MODULES = ("asyncssh.crypto.x509",)
+
+
+@contextlib.contextmanager
+def _unused_parts_skipped() -> Iterator[None]:
+    """Import asyncssh without what sshpar never uses (~35 ms of every start): the modules
+    above, and the search for liboqs (post-quantum key exchanges, which KEX_ALGS never
+    offers) that runs ``ldconfig`` and more through ``ctypes.util.find_library``."""
+    find = ctypes.util.find_library
+
+    def find_library(name: str) -> str | None:
+        return None if name in ("oqs", "liboqs") else find(name)
+
+    blocked = [name for name in _SKIPPED_MODULES if name not in sys.modules]
+    ctypes.util.find_library = find_library
+    # None in sys.modules: importing the name fails, as if it were not installed.
+    sys.modules.update(dict.fromkeys(blocked))  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        ctypes.util.find_library = find
+        for name in blocked:
+            if sys.modules.get(name, ...) is None:
+                del sys.modules[name]
+
+
+try:
+    with _unused_parts_skipped():
+        import asyncssh  # noqa: E402 - after the shim it needs
+except ImportError:  # an asyncssh that needs them after all: the whole of it, then
+    import asyncssh  # noqa: E402
 
 log = logging.getLogger("sshpar.transport")
 
@@ -120,20 +157,26 @@ class AsyncsshTransport(Transport):
             await self._close_jump()
             raise _map_error(self.spec, exc, via=self.spec.proxy_jump or "") from exc
         # sshd turns on TCP_NODELAY for a connection only once a session asks for a pty;
-        # without it, small replies over forwarded channels stall ~40 ms (Nagle + delayed
-        # ACK). A tiny pty session held open for the connection's life prevents that. Not
-        # awaited: the first session on a connection waits ~40 ms for exactly that reason,
-        # and the launch that follows shares the wait instead of adding its own.
-        self._keeper = asyncio.ensure_future(self._hold_pty(self._conn))
+        # without it, when sshd writes two small packets in a row the second waits for our
+        # ACK of the first, which Linux delays ~40 ms (Nagle + delayed ACK): opening a
+        # session, or a small reply over a forwarded channel. A tiny pty session held open
+        # for the connection's life prevents that; until sshd grants it, we acknowledge
+        # every read at once instead (TCP_QUICKACK), so the sessions opened meanwhile (the
+        # launch) do not wait either.
+        stop_acking = _ack_at_once(self._conn)
+        self._keeper = asyncio.ensure_future(self._hold_pty(self._conn, stop_acking))
 
-    async def _hold_pty(self, conn: asyncssh.SSHClientConnection) -> Any:
+    async def _hold_pty(self, conn: asyncssh.SSHClientConnection,
+                        stop_acking: Callable[[], None]) -> Any:
         try:
-            return await conn.create_process("exec cat >/dev/null", term_type="dumb",
-                                             encoding=None)
+            keeper = await conn.create_process("exec cat >/dev/null", term_type="dumb",
+                                               encoding=None)
         except Exception as exc:  # noqa: BLE001 - latency, not correctness
-            log.info("%s: could not open the pty keeper session (%s); replies may be "
-                     "delayed by Nagle's algorithm", self.label, exc)
+            log.info("%s: could not open the pty keeper session (%s); acknowledging every "
+                     "read at once instead", self.label, exc)
             return None
+        stop_acking()
+        return keeper
 
     async def run(self, command: str, *, input: bytes = b"", timeout: float) -> CommandResult:
         conn = self._require()
@@ -237,6 +280,30 @@ class AsyncsshTransport(Transport):
         if self._conn is None or self._conn.is_closed():
             raise HostUnreachableError(self.label, "not connected")
         return self._conn
+
+
+def _ack_at_once(conn: asyncssh.SSHClientConnection) -> Callable[[], None]:
+    """Acknowledge each read of ``conn``'s TCP socket at once (TCP_QUICKACK: Linux leaves
+    its quick-ack mode by itself, hence set again after every read) until the returned
+    function is called. Not on other systems or on a tunneled connection (no socket)."""
+    sock = conn.get_extra_info("socket")
+    option = getattr(socket, "TCP_QUICKACK", None)
+    if option is None or sock is None or sock.family not in (socket.AF_INET,
+                                                              socket.AF_INET6):
+        return lambda: None
+    received = conn.data_received
+
+    def data_received(data: bytes, datatype: Any = None) -> None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, option, 1)
+        except OSError:
+            pass
+        received(data, datatype)
+
+    # The transport looks the method up at each read: an attribute on this connection
+    # object takes the place of its class's method, and removing it restores the method.
+    conn.data_received = data_received  # type: ignore[method-assign]
+    return lambda: conn.__dict__.pop("data_received", None) and None
 
 
 def _jump_specs(spec: HostSpec) -> list[HostSpec]:

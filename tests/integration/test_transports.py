@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -189,6 +190,48 @@ def test_close_is_idempotent_and_is_connected_follows(spec: HostSpec) -> None:
         if spec.transport == "ssh":
             with pytest.raises(p.HostUnreachableError):
                 await t.run("true", timeout=5)
+    _run(main())
+
+
+# -- asyncssh: what it imports, and acknowledging reads until sshd turns Nagle off ----------------
+
+def test_asyncssh_loads_without_the_parts_sshpar_skips_and_the_process_is_left_as_it_was() -> None:
+    code = ("import ctypes.util, sys\n"
+            "find = ctypes.util.find_library\n"
+            "import sshpar._transport.asyncssh_backend\n"
+            "assert ctypes.util.find_library is find\n"
+            "assert 'cryptography.x509' not in sys.modules\n"
+            "assert 'asyncssh.crypto.x509' not in sys.modules\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout == "ok\n", out.stderr
+
+
+@pytest.mark.parametrize("pty", [True, False])
+def test_reads_are_acknowledged_at_once_until_sshd_grants_the_keepers_pty(
+        pty: bool, sshd_session: SSHServer, sshd_factory: Any) -> None:
+    server = sshd_session if pty else sshd_factory(extra_config="PermitTTY no\n")
+
+    async def main() -> None:
+        t = make_transport(_spec(server, "asyncssh"))
+        await t.connect()
+        try:
+            conn = t._conn  # type: ignore[attr-defined]
+            # Right after connecting: every read is acknowledged at once (an attribute of
+            # this connection wraps its class's data_received).
+            assert "data_received" in vars(conn)
+            keeper = await asyncio.wait_for(t._keeper, 10)  # type: ignore[attr-defined]
+            result = await t.run("echo hi", timeout=10)
+            assert result.stdout == b"hi\n"
+            if pty:  # sshd set TCP_NODELAY: the connection's own method again
+                assert keeper is not None
+                assert "data_received" not in vars(conn)
+            else:  # no pty, so no TCP_NODELAY on sshd's side: keep acknowledging at once
+                assert keeper is None
+                assert "data_received" in vars(conn)
+        finally:
+            await t.close()
     _run(main())
 
 
