@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -187,15 +188,15 @@ def marked_processes(run_id: str) -> list[int]:
     return found
 
 
-def sweep(run_id: str, grace: float = 5.0) -> list[str]:
-    """Give the run's leftovers ``grace`` seconds to exit, then kill them (by pid).
-
-    Returns the command lines of those that had to be killed."""
+def sweep(run_id: str, grace: float = 5.0, spare: Iterable[int] = ()) -> list[str]:
+    """Give the run's leftovers (except ``spare``) ``grace`` seconds to exit, then kill them
+    (by pid). Returns the command lines of those that had to be killed."""
     deadline = time.monotonic() + grace
-    left = marked_processes(run_id)
+    spared = set(spare)
+    left = [pid for pid in marked_processes(run_id) if pid not in spared]
     while left and time.monotonic() < deadline:
         time.sleep(0.1)
-        left = marked_processes(run_id)
+        left = [pid for pid in marked_processes(run_id) if pid not in spared]
     killed = []
     for pid in left:
         try:
@@ -260,6 +261,8 @@ def aggregate(reps: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_workload(env_path: Path, env: Env, system: str, workload: str, function: str,
                  plan: Plan, log: Path) -> dict[str, Any]:
+    from tests.helpers import kept_launchers, stop_kept_launchers
+
     reps = []
     if plan.warm_reps and not system.startswith("sshpar"):
         # Only sshpar has a cache to be cold or warm (its uploaded bundle): for the others the
@@ -274,7 +277,9 @@ def run_workload(env_path: Path, env: Env, system: str, workload: str, function:
     for i, phase in enumerate(phases):
         params = {**plan.params, "rep": i, **({"phase": phase} if phase else {})}
         r = run_worker(env_path, env, system, workload, function, params, plan.timeout, log)
-        leftovers += sweep(env.run_id)
+        # sshpar's kept launchers stay for the next start, as they would for a user's
+        # (keep_launcher); they are stopped, not counted as leftovers, after the last one.
+        leftovers += sweep(env.run_id, spare=kept_launchers(env.tmp))
         if not r["ok"]:
             result.update(status="failed", reason=r["reason"])
             break
@@ -282,6 +287,7 @@ def run_workload(env_path: Path, env: Env, system: str, workload: str, function:
         if phase:
             figures["_phase"] = phase
         reps.append(figures)
+    stop_kept_launchers(env.tmp)
     if reps:
         result["figures"] = aggregate(reps)
     if leftovers:

@@ -9,6 +9,7 @@ content hash; a warm start is then one SSH command.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import functools
@@ -22,13 +23,14 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 
 from . import _clusterfile
-from ._transport import Transport
+from ._transport import CommandResult, ForwardingRefused, Transport
 from .config import HostSpec
-from .errors import BootstrapError, PythonVersionError
+from .errors import BootstrapError, PythonVersionError, SshparError
 
 log = logging.getLogger("sshpar.bootstrap")
 
@@ -41,6 +43,8 @@ ENGINE_MODULES = ("errors.py", "_wire.py", "_serialize.py", "_markers.py",
 _STUB_INIT = b'"""sshpar, engine side: only the modules engines need."""\n'
 _EPOCH = (2020, 1, 1, 0, 0, 0)
 LAUNCH_TIMEOUT = 60.0
+#: How long reaching a kept launcher may take before the launch command runs instead.
+KEPT_TIMEOUT = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +163,11 @@ class LaunchReport:
     executable: str
     hostname: str
     runtime_dir: str
+    #: The kept launcher's socket on the host (and its pid, if this launch started it).
+    launcher: str | None = None
+    launcher_pid: int | None = None
+    #: Whether a kept launcher served this launch (else the launch command did).
+    by_kept_launcher: bool = False
 
 
 def _shell_path(path: str) -> str:
@@ -203,20 +212,108 @@ _NEED_BUNDLE = "SSHPAR-NEED-BUNDLE"
 
 async def launch(transport: Transport, spec: HostSpec, *, cluster: str, key: bytes,
                  engines: int | None, timeout: float = LAUNCH_TIMEOUT) -> LaunchReport:
-    """Upload the bundle if this host lacks it, start ``engines`` daemons, return them."""
+    """Start ``engines`` daemons and return them: through the host's kept launcher if one
+    serves these settings, else by the launch command (uploading the bundle if the host
+    lacks it), which keeps a launcher for next time (see ``_engine/launcher.py``)."""
     bundle = build_bundle()
     version = "{}.{}".format(*sys.version_info[:2])
+    conf: dict[str, Any] = {
+        "key": key.hex(), "cluster": cluster, "engines": engines, "workdir": spec.workdir,
+        "idle_timeout": spec.idle_timeout, "restart": spec.restart,
+        "restart_limit": spec.restart_limit}
+    kept = None
+    if spec.keep_launcher > 0 and transport.supports_unix_streams:
+        name = launcher_id(spec, bundle, version)
+        kept = _KeptLaunchers(spec.label + " " + name)
+        path = kept.get()
+        if path is not None:
+            report = await _launch_kept(transport, spec, path, conf, bundle, version, timeout)
+            if report is not None:
+                return report
+            kept.forget()
+        conf.update(keep_launcher=spec.keep_launcher, launcher_id=name)
+    request = json.dumps(conf).encode() + b"\n"
     check = (shell_prelude(spec) + f'B="$W/bundles/{bundle.name}"\n'
              f'[ -f "$B" ] || {{ echo {_NEED_BUNDLE}; exit 0; }}\n' + _GUARD +
              f"exec {spec.python} \"$B\" launch {version}")
-    request = json.dumps({"key": key.hex(), "cluster": cluster, "engines": engines,
-                          "workdir": spec.workdir, "idle_timeout": spec.idle_timeout,
-                          "restart": spec.restart, "restart_limit": spec.restart_limit})
-    result = await transport.run(check, input=request.encode() + b"\n", timeout=timeout)
+    result = await transport.run(check, input=request, timeout=timeout)
     if result.stdout.startswith(_NEED_BUNDLE.encode()):
         await upload_bundle(transport, spec, bundle, timeout=timeout)
-        result = await transport.run(check, input=request.encode() + b"\n", timeout=timeout)
-    return _parse_launch(spec, result, bundle, version)
+        result = await transport.run(check, input=request, timeout=timeout)
+    report = _parse_launch(spec, result, bundle, version)
+    if kept is not None and report.launcher is not None:
+        kept.remember(report.launcher)
+    return report
+
+
+def launcher_id(spec: HostSpec, bundle: Bundle, version: str) -> str:
+    """Names what a kept launcher's engines inherit: a launch with other settings for the
+    interpreter, its environment or the workdir is not served by it."""
+    doc = [bundle.name, version, spec.python, spec.setup, list(spec.env), spec.workdir]
+    return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:16]
+
+
+async def _launch_kept(transport: Transport, spec: HostSpec, path: str, conf: dict,
+                       bundle: Bundle, version: str, timeout: float) -> LaunchReport | None:
+    """A launch through the kept launcher at ``path``; None if it is not there to serve (the
+    caller runs the launch command instead), a report or an error as the command's."""
+    try:
+        reader, writer = await asyncio.wait_for(transport.open_unix(path), KEPT_TIMEOUT)
+    except (SshparError, ForwardingRefused, OSError, asyncio.TimeoutError) as exc:
+        # ForwardingRefused: a stale socket file (the launcher was killed), or a host that
+        # forwards to no Unix socket (then every other start there pays this try).
+        log.info("%s: no kept launcher at %s (%s: %s); running the launch command",
+                 spec.label, path, type(exc).__name__, exc)
+        return None
+    try:
+        writer.write(json.dumps(conf).encode() + b"\n")
+        await writer.drain()
+        out = await asyncio.wait_for(reader.read(), timeout)
+    except (SshparError, OSError, EOFError, asyncio.TimeoutError) as exc:
+        log.info("%s: the kept launcher at %s did not serve (%s: %s); running the launch "
+                 "command", spec.label, path, type(exc).__name__, exc)
+        return None
+    finally:
+        writer.close()
+    if not out:  # it closed without a word: its bundle is gone, or it was stopping
+        log.info("%s: the kept launcher at %s closed without a report; running the launch "
+                 "command", spec.label, path)
+        return None
+    report = _parse_launch(spec, CommandResult(None, out, b""), bundle, version)
+    return dataclasses.replace(report, launcher=path, by_kept_launcher=True)
+
+
+class _KeptLaunchers:
+    """Where this machine last learnt a host's kept launcher listens, by host and launcher
+    id (``$SSHPAR_HOME/cache/launchers.json``, 0600): the path is on the host, under a
+    workdir that may start with ``~``, so a client cannot work it out before its first
+    launch there."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.path = _clusterfile.home() / "cache" / "launchers.json"
+
+    def _load(self) -> dict[str, str]:
+        try:
+            doc = json.loads(self.path.read_bytes())
+        except (OSError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def get(self) -> str | None:
+        path = self._load().get(self.key)
+        return path if isinstance(path, str) else None
+
+    def remember(self, socket_path: str) -> None:
+        doc = self._load()
+        if doc.get(self.key) != socket_path:
+            doc[self.key] = socket_path
+            _store(self.path, json.dumps(doc, indent=1).encode())
+
+    def forget(self) -> None:
+        doc = self._load()
+        if doc.pop(self.key, None) is not None:
+            _store(self.path, json.dumps(doc, indent=1).encode())
 
 
 async def upload_bundle(transport: Transport, spec: HostSpec, bundle: Bundle, *,
@@ -240,11 +337,13 @@ def _parse_launch(spec: HostSpec, result, bundle: Bundle, version: str) -> Launc
     for line in out.splitlines():
         if line.startswith("SSHPAR-READY "):
             doc = json.loads(line[len("SSHPAR-READY "):])
+            kept = doc.get("launcher") or {}
             return LaunchReport(
                 engines=tuple(StartedEngine(e["uuid"], e["pid"], e["nanny"], e["socket"],
                                             e["log"]) for e in doc["engines"]),
                 python=tuple(doc["python"]), executable=doc["executable"],
-                hostname=doc["hostname"], runtime_dir=doc["runtime_dir"])
+                hostname=doc["hostname"], runtime_dir=doc["runtime_dir"],
+                launcher=kept.get("socket"), launcher_pid=kept.get("pid"))
         if line.startswith("SSHPAR-ERROR "):
             try:
                 doc = json.loads(line[len("SSHPAR-ERROR "):])

@@ -76,7 +76,8 @@ def run_demo(engines: int = 2, *, console: Console | None = None,
         "Against real hosts, the only change is `p.Client(hosts=\"hosts.yaml\")`.",
         title="sshpar"))
     tour = Tour(console)
-    tour.ns["_spec"] = local_cluster(engines, name="demo", workdir=workdir, idle_timeout=300)
+    tour.ns["_spec"] = local_cluster(engines, name="demo", workdir=workdir, idle_timeout=300,
+                                   keep_launcher=0)  # a one-off: leave nothing behind
     tour.ns["_script"] = script
     tour.show("Creating a Client", "rc = p.Client(hosts=_spec)\nrc.ids",
               "One Client per cluster; engines are separate processes with their own "

@@ -62,6 +62,7 @@ class HostSpec:
     heartbeat_interval: float = 2.0
     lost_after: float = 30.0
     openssh_lane: bool = True
+    keep_launcher: float = 60.0
     line: int = 0
 
     @property
@@ -311,6 +312,8 @@ _CHECKS: dict[str, _Check] = {
                                   float),
     "lost_after": _expect("a number of seconds > 0", lambda v: _number(v) and v > 0, float),
     "openssh_lane": _expect("true or false", lambda v: isinstance(v, bool)),
+    "keep_launcher": _expect("a number of seconds >= 0", lambda v: _number(v) and v >= 0,
+                             float),
 }
 
 
@@ -457,7 +460,8 @@ def load_hosts(path: str | os.PathLike[str]) -> ClusterSpec:
 
 
 def local_cluster(engines: int = 2, *, name: str = "local", python: str | None = None,
-                  workdir: str | None = None, idle_timeout: float = 3600.0) -> ClusterSpec:
+                  workdir: str | None = None, idle_timeout: float = 3600.0,
+                  keep_launcher: float = 60.0) -> ClusterSpec:
     """A one-host cluster of engines run as subprocesses on this machine (no SSH).
 
     Args:
@@ -466,6 +470,7 @@ def local_cluster(engines: int = 2, *, name: str = "local", python: str | None =
         python: the interpreter for the engines; defaults to ``sys.executable``.
         workdir: where engines keep their files; defaults to ``~/.cache/sshpar``.
         idle_timeout: seconds an engine waits with no client before exiting; 0 = never.
+        keep_launcher: seconds the launcher stays ready for the next start; 0 = not kept.
 
     Raises:
         ConfigError: an argument is out of range.
@@ -480,7 +485,11 @@ def local_cluster(engines: int = 2, *, name: str = "local", python: str | None =
     if not (_number(idle_timeout) and idle_timeout >= 0):
         raise ConfigError(f"idle_timeout must be a number >= 0, got {idle_timeout!r}",
                           file=where, key="idle_timeout")
+    if not (_number(keep_launcher) and keep_launcher >= 0):
+        raise ConfigError(f"keep_launcher must be a number >= 0, got {keep_launcher!r}",
+                          file=where, key="keep_launcher")
     extra: dict[str, Any] = {} if workdir is None else {"workdir": workdir}
     host = HostSpec(host="localhost", engines=engines, python=python or sys.executable,
-                    transport="local", idle_timeout=float(idle_timeout), **extra)
+                    transport="local", idle_timeout=float(idle_timeout),
+                    keep_launcher=float(keep_launcher), **extra)
     return ClusterSpec(name=name, hosts=(host,))

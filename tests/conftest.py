@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import stop_kept_launchers
 from tests.sshd import SSHServer, start_sshd
 
 
@@ -18,6 +19,7 @@ def sshpar_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     saved = os.environ.get("SSHPAR_HOME")
     os.environ["SSHPAR_HOME"] = str(home)
     yield home
+    stop_kept_launchers(tmp_path_factory.getbasetemp())
     if saved is None:
         os.environ.pop("SSHPAR_HOME", None)
     else:

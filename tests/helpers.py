@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -59,6 +61,42 @@ def processes_naming(path) -> list[int]:
         except OSError:
             pass  # gone meanwhile
     return [pid for pid in found if alive(pid)]
+
+
+def kept_launchers(root) -> dict[int, str]:
+    """The kept launchers of workdirs under ``root``: pid -> the socket it listens on (a
+    process running a bundle under ``root`` that holds a listening launcher-*.sock)."""
+    listening = {}
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and int(fields[3], 16) & 0x10000 and \
+                Path(fields[7]).name.startswith("launcher-"):
+            listening[f"socket:[{fields[6]}]"] = fields[7]
+    found = {}
+    for pid in processes_naming(root):
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target in listening:
+                        found[pid] = listening[target]
+    return found
+
+
+def engine_processes(root) -> list[int]:
+    """The engines and nannies of workdirs under ``root``: processes running a bundle there
+    that are not kept launchers (which idle on by design, see keep_launcher)."""
+    kept = kept_launchers(root)
+    return [pid for pid in processes_naming(root) if pid not in kept]
+
+
+def stop_kept_launchers(root) -> None:
+    """End the kept launchers of workdirs under ``root`` (they would idle on for a minute)."""
+    pids = list(kept_launchers(root))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    wait_gone(pids)
 
 
 def vm_rss(pid: int) -> int:

@@ -8,6 +8,14 @@ carries one JSON line (cluster key, engine count, settings); stdout gets one lin
 Engines detach into their own session with stdio on log files, so they outlive this SSH
 session and nothing they print can block. Nannies are forked from the launcher, engines from
 their nanny: one interpreter start per host, not two per engine.
+
+A launcher asked to be kept (``keep_launcher`` seconds, and a ``launcher_id`` naming its
+Python, environment, workdir and bundle) stays behind, detached, listening on a Unix socket
+in a private directory: the next start with the same settings connects to it (the client's
+SSH connection forwards the socket) instead of running a command, sends the same JSON line,
+and gets the same report back from a fork that has everything imported already: no shell,
+no interpreter start, no imports (~45 ms of a start, and its CPU). It exits after that many
+seconds with no launch, or when its bundle is gone.
 """
 
 from __future__ import annotations
@@ -59,6 +67,21 @@ def runtime_dir(workdir: str, cluster: str) -> str:
 def main(argv: list[str]) -> None:
     os.umask(0o077)
     conf = json.loads(sys.stdin.readline())
+    kept = listen(conf)
+    report = launch(conf)
+    if kept is not None:
+        path, listener = kept
+        report["launcher"] = {"socket": path,
+                              "pid": keep(listener, path, conf) if listener else None}
+    sys.stdout.write("SSHPAR-READY " + json.dumps(report) + "\n")
+    sys.stdout.flush()
+    # Done: the client waits for this process to end. Tearing down an interpreter that has
+    # imported the engine's modules took ~17 ms; there is nothing left to clean up.
+    os._exit(0)
+
+
+def launch(conf: dict) -> dict:
+    """Start the engines ``conf`` asks for and return the report (or ``fail``)."""
     workdir = os.path.abspath(os.path.expanduser(conf["workdir"]))
     os.makedirs(workdir, mode=0o700, exist_ok=True)  # an existing one keeps its mode
     run_dir = runtime_dir(workdir, conf["cluster"])
@@ -80,18 +103,167 @@ def main(argv: list[str]) -> None:
             except OSError:
                 pass
         fail(exc.kind, exc.message, log=exc.log)
-    sys.stdout.write("SSHPAR-READY " + json.dumps({
+    return {
         "engines": engines,
         "python": list(sys.version_info[:3]),
         "executable": sys.executable,
         "hostname": socket.gethostname(),
         "cpus": os.cpu_count(),
         "runtime_dir": run_dir,
-    }) + "\n")
+    }
+
+
+# -- the kept launcher ---------------------------------------------------------------------
+
+def listen(conf: dict) -> tuple[str, socket.socket | None] | None:
+    """The kept launcher's socket path and a listening socket for it, if ``conf`` asks to
+    keep one; no socket if one already answers there (then that one serves)."""
+    linger = conf.get("keep_launcher") or 0
+    name = str(conf.get("launcher_id") or "")
+    if not (linger > 0 and name.isalnum()):
+        return None
+    workdir = os.path.abspath(os.path.expanduser(conf["workdir"]))
+    path = os.path.join(workdir, "run", f"launcher-{name}.sock")
+    if len(path) > _SOCKET_PATH_MAX:
+        path = os.path.join(private_dir(os.path.join("/tmp", f"sshpar-{os.getuid()}")),
+                            f"launcher-{name}.sock")
+    else:
+        os.makedirs(workdir, mode=0o700, exist_ok=True)
+        private_dir(os.path.join(workdir, "run"))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            listener.bind(path)
+        except OSError:
+            if _answers(path):
+                listener.close()
+                return path, None
+            os.unlink(path)  # a stale file: its launcher is gone
+            listener.bind(path)
+        listener.listen(16)
+    except OSError:
+        listener.close()
+        return None  # not kept: the launch itself goes on
+    return path, listener
+
+
+def _answers(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def keep(listener: socket.socket, path: str, conf: dict) -> int:
+    """Fork the kept launcher, detached like a nanny, logging next to the engines; its pid."""
+    log_path = os.path.join(private_dir(os.path.join(
+        os.path.abspath(os.path.expanduser(conf["workdir"])), "logs")),
+        f"launcher-{conf['launcher_id']}.log")
     sys.stdout.flush()
-    # Done: the client waits for this process to end. Tearing down an interpreter that has
-    # imported the engine's modules took ~17 ms; there is nothing left to clean up.
-    os._exit(0)
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid != 0:
+        listener.close()
+        return pid
+    try:
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.dup2(devnull, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        keep_fd = listener.fileno()
+        os.closerange(3, keep_fd)
+        os.closerange(keep_fd + 1, _MAX_FD)
+        serve(listener, path, float(conf["keep_launcher"]))
+    except BaseException:  # noqa: BLE001 - into the log
+        traceback.print_exc()
+    finally:
+        os._exit(0)
+
+
+def serve(listener: socket.socket, path: str, linger: float) -> None:
+    """Fork one launch per connection until ``linger`` seconds pass with none, or the bundle
+    this process runs from is gone (a client then falls back to the launch command)."""
+    bundle = os.path.abspath(sys.argv[0])
+    bound = os.stat(path).st_ino
+    _log(f"kept for {linger:g} s idle at {path}")
+    try:
+        while True:
+            ready, _, _ = select.select([listener], [], [], linger)
+            _reap()
+            if not ready:
+                _log("idle: exiting")
+                return
+            conn, _ = listener.accept()
+            if not os.path.exists(bundle):
+                conn.close()
+                _log(f"{bundle} is gone: exiting")
+                return
+            if _peer_uid(conn) != os.getuid():
+                conn.close()
+                continue
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:  # one launch, stdio on the connection, as if run by the command
+                code = 0
+                try:
+                    listener.close()
+                    os.dup2(conn.fileno(), 0)
+                    os.dup2(conn.fileno(), 1)
+                    conn.close()
+                    line = sys.stdin.readline()
+                    if line.strip():
+                        report = launch(json.loads(line))
+                        sys.stdout.write("SSHPAR-READY " + json.dumps(report) + "\n")
+                        sys.stdout.flush()
+                except SystemExit as exc:  # fail() has reported
+                    code = exc.code if isinstance(exc.code, int) else 1
+                except BaseException:  # noqa: BLE001 - into the log; the client falls back
+                    traceback.print_exc()
+                    code = 1
+                finally:
+                    os._exit(code)
+            conn.close()
+    finally:
+        try:
+            if os.stat(path).st_ino == bound:  # still ours, not a newer launcher's
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+def _peer_uid(conn: socket.socket) -> int | None:
+    """The connecting process's uid (Linux SO_PEERCRED); None where it cannot be told."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return os.getuid()  # elsewhere the socket's 0700 directory is the only guard
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, option, 12)
+    except OSError:
+        return None
+    return int.from_bytes(creds[4:8], sys.byteorder)
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _log(message: str) -> None:
+    sys.stderr.write(time.strftime("%Y-%m-%d %H:%M:%S ") + f"launcher: {message}\n")
+    sys.stderr.flush()
 
 
 def spawn(run_nanny: Any, conf: dict, run_dir: str, log_dir: str) -> tuple:

@@ -22,7 +22,13 @@ import pytest
 import yaml
 
 from sshpar.cli import main, parse_targets
-from tests.helpers import alive, processes_naming, wait_gone, wait_until
+from tests.helpers import (
+    alive,
+    engine_processes,
+    stop_kept_launchers,
+    wait_gone,
+    wait_until,
+)
 
 pytestmark = pytest.mark.ssh
 
@@ -71,8 +77,8 @@ class Cli:
         return found
 
     def processes(self) -> list[int]:
-        """Live processes (not zombies) whose command line names a path below ``base``."""
-        return processes_naming(self.base)
+        """Engines and nannies (live, not zombies) running a bundle below ``base``."""
+        return engine_processes(self.base)
 
     def cleanup(self) -> None:
         """Stop every cluster; kill engines that survive (e.g. on a host that went away)."""
@@ -83,6 +89,7 @@ class Cli:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         wait_gone(left)
+        stop_kept_launchers(self.base)
 
 
 @pytest.fixture

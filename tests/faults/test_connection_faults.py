@@ -14,7 +14,7 @@ import textwrap
 import pytest
 
 import sshpar as p
-from tests.helpers import alive, processes_naming, wait_until
+from tests.helpers import alive, engine_processes, wait_until
 
 from .conftest import TASK_SOURCE, WAIT, count_run, hold
 
@@ -126,7 +126,7 @@ def test_host_down_at_start_is_a_per_host_error_and_allow_partial_starts_the_res
     assert list(err.errors) == [down_label]
     assert isinstance(err.errors[down_label], p.HostUnreachableError)
     assert str(down.port) in str(err)
-    wait_until(lambda: not processes_naming(workdir), WAIT,
+    wait_until(lambda: not engine_processes(workdir), WAIT,
                "the good host's engines to be stopped after the failed start")
 
     rc = clusters.client(hosts, allow_partial=True)
