@@ -335,10 +335,10 @@ _PEERS = ["ipyparallel", "execnet-ssh", "dask-local", "dask-ssh"]
 _PLAIN_TCP = {"ipyparallel", "dask-local", "dask-ssh"}
 _WHY_BEHIND = {
     ("start", "execnet-ssh"): "execnet starts with one `ssh host python` (the OpenSSH client, "
-                              "in C); sshpar's client first imports asyncssh (0.1-0.17 s "
-                              "here), then logs in and launches. Next step: a main "
-                              "connection through the OpenSSH client (ControlMaster), so "
-                              "that a start imports no asyncssh",
+                              "in C); sshpar's client first imports asyncssh (~60 ms here), "
+                              "then logs in and launches (through the host's kept launcher "
+                              "when one serves). Next step: import asyncssh while the TCP "
+                              "connection and its key exchange begin",
 }
 
 
@@ -467,15 +467,15 @@ def analysis(results: Results, checks: list[tuple[Target, dict]]) -> list[str]:
                 f"- 4 hosts, warm, by phase: connect {num(s4.get('warm_connect_s'))} + launch "
                 f"{num(s4.get('warm_launch_s'))} + channels {num(s4.get('warm_channels_s'))} "
                 f"+ first task {num(s4.get('warm_first_task_s'))} s. Connect includes "
-                "importing asyncssh (~0.15 s, once per process, in both figures); the launch "
-                "phase is where 4 hosts cost most: 4 sshd sessions and 4 launchers (a Python "
-                "interpreter each, ~60 ms of CPU) on two cores.",
-                "- Next step: per host, a start costs one SSH handshake (asyncssh, in the "
-                "client's one IO thread), one sshd session and one Python interpreter (the "
-                "launcher; nannies and engines are its forks). What remains of the 4-host "
-                "ratio is those costs sharing two cores; a real 4-host start runs them on "
-                "four machines. Trimming the launcher's imports (json, logging, uuid, "
-                "traceback: ~10 ms of its ~60 ms) is the remaining lever here.", ""]
+                "importing asyncssh (~60 ms, once per process, in both figures). A warm "
+                "launch goes through each host's kept launcher (a fork, no interpreter "
+                "start); a cold one runs a launcher per host (a Python interpreter each, "
+                "~60 ms of CPU), and 4 of those share two cores here.",
+                "- Next step: per host, a warm start costs one SSH handshake (asyncssh, in "
+                "the client's one IO thread: the four handshakes take turns) and one channel "
+                "to the kept launcher. What remains of the 4-host ratio is those handshakes "
+                "and 4 sshd sharing two cores; a real 4-host start runs the sshd on four "
+                "machines.", ""]
     if not out:
         out = ["Every target was met in this run."]
     return out

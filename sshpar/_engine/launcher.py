@@ -32,6 +32,9 @@ import uuid
 from typing import Any
 
 READY_TIMEOUT = 30.0
+#: A kept launcher's client sends its request line within this long, at most this big.
+REQUEST_TIMEOUT = 10.0
+REQUEST_MAX = 1 << 20
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
 _MAX_FD = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1024
 
@@ -140,6 +143,7 @@ def listen(conf: dict) -> tuple[str, socket.socket | None] | None:
                 return path, None
             os.unlink(path)  # a stale file: its launcher is gone
             listener.bind(path)
+        os.chmod(path, 0o600)
         listener.listen(16)
     except OSError:
         listener.close()
@@ -205,8 +209,10 @@ def serve(listener: socket.socket, path: str, linger: float) -> None:
                 conn.close()
                 _log(f"{bundle} is gone: exiting")
                 return
-            if _peer_uid(conn) != os.getuid():
+            uid = _peer_uid(conn)
+            if uid != os.getuid():
                 conn.close()
+                _log(f"refused a connection from uid {uid} (runs as uid {os.getuid()})")
                 continue
             sys.stdout.flush()
             sys.stderr.flush()
@@ -215,10 +221,9 @@ def serve(listener: socket.socket, path: str, linger: float) -> None:
                 code = 0
                 try:
                     listener.close()
-                    os.dup2(conn.fileno(), 0)
+                    line = _request(conn)
                     os.dup2(conn.fileno(), 1)
                     conn.close()
-                    line = sys.stdin.readline()
                     if line.strip():
                         report = launch(json.loads(line))
                         sys.stdout.write("SSHPAR-READY " + json.dumps(report) + "\n")
@@ -237,6 +242,23 @@ def serve(listener: socket.socket, path: str, linger: float) -> None:
                 os.unlink(path)
         except OSError:
             pass
+
+
+def _request(conn: socket.socket) -> bytes:
+    """The one JSON line a client sends (empty if it sends none within REQUEST_TIMEOUT)."""
+    conn.settimeout(REQUEST_TIMEOUT)
+    data = b""
+    try:
+        while b"\n" not in data and len(data) < REQUEST_MAX:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        return b""
+    finally:
+        conn.settimeout(None)
+    return data.split(b"\n", 1)[0] if b"\n" in data else b""
 
 
 def _peer_uid(conn: socket.socket) -> int | None:

@@ -244,6 +244,37 @@ def test_another_local_user_cannot_reach_or_use_an_engine(sshd, clusters, other_
     assert rc[0].apply_sync(pow, 2, 9) == 512           # the owner is still served
 
 
+def test_another_local_user_cannot_reach_or_use_a_kept_launcher(sshd, clusters, other_user):
+    workdir = clusters.open_workdir()
+    started = clusters.start(sshd, engines=1, workdir=workdir, keep_launcher=60)
+    sock = Path(started.rc._cluster.hosts[0].report.launcher)
+    assert sock.parent == workdir / "run"
+    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    log = next((workdir / "logs").glob("launcher-*.log"))
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+
+    assert _as(other_user, str(sock)) == {"connected": False, "error": "PermissionError",
+                                          "errno": 13}
+    opened = [(sock.parent, 0o711), (sock, 0o666)]
+    saved = [(path, stat.S_IMODE(path.stat().st_mode)) for path, _ in opened]
+    try:
+        for path, mode in opened:
+            path.chmod(mode)
+        result = _as(other_user, str(sock))
+    finally:
+        for path, mode in saved:
+            path.chmod(mode)
+    assert result["connected"] is True
+    assert result["received"] == 0, "the kept launcher answered a stranger"
+    line = f"refused a connection from uid {other_user.uid}"
+    wait_until(lambda: line in log.read_text(), WAIT, "the kept launcher to log the refusal")
+    started.rc.shutdown()
+    again = clusters.client(started.hosts)                 # the owner is still served
+    assert again._cluster.hosts[0].report.by_kept_launcher
+    assert again[0].apply_sync(pow, 2, 9) == 512
+
+
 _PLANT = """
 import os, sys, zipfile
 workdir, name, marker = sys.argv[1:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,13 @@ from typing import Any
 import pytest
 
 import sshpar as p
-from tests.helpers import interactive, kept_launchers, stop_kept_launchers, wait_gone
+from tests.helpers import (
+    engine_processes,
+    interactive,
+    kept_launchers,
+    stop_kept_launchers,
+    wait_gone,
+)
 from tests.sshd import SSHServer
 
 pytestmark = pytest.mark.ssh
@@ -54,6 +61,13 @@ class Starts:
 def starts(request: pytest.FixtureRequest, sshd_session: SSHServer,
            tmp_path: Path) -> Iterator[Starts]:
     runner = Starts(sshd_session, tmp_path, request.param)
+    yield runner
+    stop_kept_launchers(tmp_path)
+
+
+@pytest.fixture
+def local_starts(sshd_session: SSHServer, tmp_path: Path) -> Iterator[Starts]:
+    runner = Starts(sshd_session, tmp_path, "local")
     yield runner
     stop_kept_launchers(tmp_path)
 
@@ -135,3 +149,21 @@ def test_keep_launcher_0_leaves_nothing_behind(starts: Starts) -> None:
     assert first.launcher is None and not first.by_kept_launcher
     starts.shutdown(rc)
     assert kept_launchers(starts.base) == {}
+
+
+def test_a_connection_without_a_request_or_with_garbage_launches_nothing(
+        local_starts: Starts) -> None:
+    starts = local_starts
+    rc, first = starts.client()
+    starts.shutdown(rc)
+    for request in (b"", b"not json\n"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(30)
+            s.connect(first.launcher)
+            s.sendall(request)
+            s.shutdown(socket.SHUT_WR)
+            assert s.recv(4096) == b""                      # no report, no engines
+    assert engine_processes(starts.base) == []
+    rc, second = starts.client()                             # and it still serves
+    assert second.by_kept_launcher
+    starts.shutdown(rc)
