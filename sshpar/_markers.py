@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
 import types
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +41,18 @@ class Reference:
 
     def __reduce__(self) -> Any:
         return (Reference, (self.name,))
+
+
+#: Any pickle holding a Reference names this module (to find the class by): a pickle that
+#: does not cannot hold one. Searched without copying the pickle (``re`` reads buffers).
+_MENTIONED = re.compile(re.escape(__name__.encode()))
+
+
+def may_hold_references(pickled: Any) -> bool:
+    """Whether the pickle ``pickled`` (bytes-like) may hold a Reference: if not, there is
+    nothing for :func:`resolve_references` to do, and walking a large argument (a long list
+    of a ``map``) item by item cost more than the call."""
+    return _MENTIONED.search(pickled) is not None
 
 
 def resolve_references(obj: Any, namespace: dict) -> Any:

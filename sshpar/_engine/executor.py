@@ -19,7 +19,7 @@ import types
 from typing import Any
 
 from .. import _serialize
-from .._markers import resolve_references
+from .._markers import may_hold_references, resolve_references
 
 #: Per task and stream, how much output is kept for the result (the live stream is bounded by
 #: the same figure); beyond it the text is cut and marked.
@@ -183,9 +183,8 @@ class Executor:
         try:
             f = self.function(task.payload[0], task.fn_digest)
             args, kwargs = _serialize.loads(task.payload[1:])
-            if args:
+            if (args or kwargs) and may_hold_references(task.payload[1]):
                 args = resolve_references(args, self.namespace)
-            if kwargs:
                 kwargs = resolve_references(kwargs, self.namespace)
             self.in_user_code = True
             try:

@@ -70,8 +70,8 @@ def runtime_dir(workdir: str, cluster: str) -> str:
 def main(argv: list[str]) -> None:
     os.umask(0o077)
     conf = json.loads(sys.stdin.readline())
-    kept = listen(conf)
     report = launch(conf)
+    kept = listen(conf)
     if kept is not None:
         path, listener = kept
         report["launcher"] = {"socket": path,
@@ -174,6 +174,7 @@ def keep(listener: socket.socket, path: str, conf: dict) -> int:
     if pid != 0:
         listener.close()
         return pid
+    conf.pop("key", None)  # this start's cluster key: each later start sends its own
     try:
         os.setsid()
         devnull = os.open(os.devnull, os.O_RDONLY)

@@ -125,3 +125,21 @@ def test_output_goes_to_the_task_running_when_it_is_written() -> None:
     assert first.result_meta()["stdout"] == "first\n"
     assert second.result_meta()["stdout"] == "late\nsecond\n"
     assert second.result_meta()["stderr"] == ""
+
+
+def test_references_are_found_in_a_pickle_as_received_and_only_there() -> None:
+    from sshpar._markers import Reference, may_hold_references
+
+    ex = Executor()
+    ex.namespace["a"] = 7
+    echo = defined("def echo(*args, **kw):\n    return args, kw\n", "echo")
+    payload = _serialize.dumps_call(echo, ([1, {"x": Reference("a")}],), {"k": (Reference("a"),)},
+                                    what="echo", code_files=set())
+    assert may_hold_references(memoryview(payload[1]))       # as the wire hands it over
+    task = Task(f"t{next(_ids)}", {}, [payload[0], memoryview(payload[1])], None,
+                _wire.function_digest(payload[0]))
+    ex.run(task)
+    assert _serialize.loads(task.result) == (([1, {"x": 7}],), {"k": (7,)})
+    plain = _serialize.dumps(([list(range(1000)), "sshpar"], {}), what="args")
+    assert not may_hold_references(memoryview(plain[0]))
+    assert call(ex, echo, list(range(1000))) == ((list(range(1000)),), {})
