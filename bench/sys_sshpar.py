@@ -205,6 +205,9 @@ def bulk(env: Env, p: dict) -> dict:
         def warmup() -> None:  # numpy imported on the engine, buffers allocated once
             e0.push({"a": tasks.make_array(1 << 20)}, block=True)
             e0.pull("a", block=True)
+            # As for apply: the OpenSSH forwarder logs in at the third blocking call, and
+            # that login's CPU (ssh and sshd) would otherwise land on the measured push.
+            _wait_for_lanes(rc)
 
         def push(arr: Any) -> None:
             e0.push({"a": arr}, block=True)
