@@ -538,13 +538,17 @@ def _bulk_next(sb: dict, rb: dict) -> str:
                      "thread decrypts it (AES-GCM, in C), handles each 32 KiB SSH packet in "
                      "Python and checks the frame's HMAC-SHA256 over every byte (about a "
                      "quarter of its time, py-spy); the raw pipe's ssh does the first in C "
-                     "and nothing else. The raw pull also varies most run to run (460-605 "
-                     "MB/s over this session's runs). Measured and dropped: larger SSH packets "
-                     "(256 KiB: half the throughput in asyncssh), pulling over the OpenSSH "
-                     "lane (a fourth busy process on two cores) and hashing large segments in "
-                     "a helper thread (it waits for the GIL the IO thread holds: 370 against "
-                     "485 MB/s). Candidate: fewer Python steps per SSH packet on the IO thread "
-                     "(asyncssh's receive path is most of the rest)")
+                     "and nothing else. On two cores the pull is bound by CPU in all: client "
+                     "~0.95 of a core, sshd and engine ~0.4 each. The raw pull also varies "
+                     "most run to run (330-620 MB/s between repetitions). Measured and "
+                     "dropped: larger SSH packets (256 KiB: half the throughput in asyncssh), "
+                     "pulling over the OpenSSH lane (a fourth busy process on two cores), "
+                     "hashing large segments in a helper thread (it waits for the GIL the IO "
+                     "thread holds: 370 against 485 MB/s), and feeding asyncssh its input in "
+                     "packet-sized pieces (its receive path copies what is left of its input "
+                     "buffer at every packet: within noise). Candidate: fewer Python steps per "
+                     "SSH packet on the IO thread (asyncssh's receive path is most of the "
+                     "rest)")
     if sb.get("rss_ratio", 0) > 1.2:
         notes.append("client RSS over 1.2x means an extra copy of the array on the client")
     return "; ".join(notes) or "see the figures above"
