@@ -212,6 +212,25 @@ def _as(user, path: str) -> dict:
     return json.loads(proc.stdout)
 
 
+def _as_refused(user, sock: Path, log: Path, opened: list) -> None:
+    """With ``opened`` directories traversable and ``sock`` writable for a moment, ``user``
+    connects; the listener checks who connects (SO_PEERCRED), hangs up before saying
+    anything, and logs the refusal in ``log``."""
+    opened = [*opened, (sock, 0o666)]
+    saved = [(path, stat.S_IMODE(path.stat().st_mode)) for path, _ in opened]
+    try:
+        for path, mode in opened:
+            path.chmod(mode)
+        result = _as(user, str(sock))
+    finally:
+        for path, mode in saved:
+            path.chmod(mode)
+    assert result["connected"] is True
+    assert result["received"] == 0, f"{sock} answered a stranger"
+    line = f"refused a connection from uid {user.uid}"
+    wait_until(lambda: line in log.read_text(), WAIT, f"{log.name} to log the refusal")
+
+
 def test_another_local_user_cannot_reach_or_use_an_engine(sshd, clusters, other_user):
     workdir = clusters.open_workdir()                   # others may traverse it (0711)
     rc = clusters.start(sshd, engines=1, workdir=workdir).rc
@@ -228,19 +247,7 @@ def test_another_local_user_cannot_reach_or_use_an_engine(sshd, clusters, other_
 
     # (a') were the directory traversable and the socket writable, the engine itself checks
     # who connects (SO_PEERCRED) and hangs up before saying anything
-    opened = [(run_dir.parent, 0o711), (run_dir, 0o711), (sock, 0o666)]
-    saved = [(path, stat.S_IMODE(path.stat().st_mode)) for path, _ in opened]
-    try:
-        for path, mode in opened:
-            path.chmod(mode)
-        result = _as(other_user, str(sock))
-    finally:
-        for path, mode in saved:
-            path.chmod(mode)
-    assert result["connected"] is True
-    assert result["received"] == 0, "the engine greeted a stranger"
-    line = f"refused a connection from uid {other_user.uid}"
-    wait_until(lambda: line in log.read_text(), WAIT, "the engine to log the refusal")
+    _as_refused(other_user, sock, log, [(run_dir.parent, 0o711), (run_dir, 0o711)])
     assert rc[0].apply_sync(pow, 2, 9) == 512           # the owner is still served
 
 
@@ -256,19 +263,7 @@ def test_another_local_user_cannot_reach_or_use_a_kept_launcher(sshd, clusters, 
 
     assert _as(other_user, str(sock)) == {"connected": False, "error": "PermissionError",
                                           "errno": 13}
-    opened = [(sock.parent, 0o711), (sock, 0o666)]
-    saved = [(path, stat.S_IMODE(path.stat().st_mode)) for path, _ in opened]
-    try:
-        for path, mode in opened:
-            path.chmod(mode)
-        result = _as(other_user, str(sock))
-    finally:
-        for path, mode in saved:
-            path.chmod(mode)
-    assert result["connected"] is True
-    assert result["received"] == 0, "the kept launcher answered a stranger"
-    line = f"refused a connection from uid {other_user.uid}"
-    wait_until(lambda: line in log.read_text(), WAIT, "the kept launcher to log the refusal")
+    _as_refused(other_user, sock, log, [(sock.parent, 0o711)])
     started.rc.shutdown()
     again = clusters.client(started.hosts)                 # the owner is still served
     assert again._cluster.hosts[0].report.by_kept_launcher
