@@ -279,7 +279,12 @@ async def _launch_kept(transport: Transport, spec: HostSpec, path: str, conf: di
         log.info("%s: the kept launcher at %s closed without a report; running the launch "
                  "command", spec.label, path)
         return None
-    report = _parse_launch(spec, CommandResult(None, out, b""), bundle, version)
+    try:
+        report = _parse_launch(spec, CommandResult(None, out, b""), bundle, version)
+    except BootstrapError as exc:  # a fresh interpreter tells whether it is the settings
+        log.warning("%s: the kept launcher at %s could not start the engines (%s); running "
+                    "the launch command", spec.label, path, exc)
+        return None
     return dataclasses.replace(report, launcher=path, by_kept_launcher=True)
 
 

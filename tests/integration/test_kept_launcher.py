@@ -3,10 +3,13 @@ settings has it fork the engines (no shell, no interpreter start). See docs/clus
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import stat
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,8 @@ from typing import Any
 import pytest
 
 import sshpar as p
+from sshpar import _bootstrap
+from sshpar.config import load_hosts
 from tests.helpers import (
     engine_processes,
     interactive,
@@ -166,4 +171,40 @@ def test_a_connection_without_a_request_or_with_garbage_launches_nothing(
     assert engine_processes(starts.base) == []
     rc, second = starts.client()                             # and it still serves
     assert second.by_kept_launcher
+    starts.shutdown(rc)
+
+
+def test_a_kept_launcher_that_fails_the_start_costs_only_the_launch_command(
+        local_starts: Starts, tmp_path: Path) -> None:
+    """Whatever a kept launcher says went wrong, a fresh launcher gets to try (here a
+    stand-in at the remembered path answers as a launcher whose engines failed)."""
+    starts = local_starts
+    hosts = starts.server.hosts_yaml(starts.base / "hosts.yaml", engines=2,
+                                     workdir=starts.workdir,
+                                     extra={"transport": "local", "keep_launcher": 60})
+    spec = load_hosts(str(hosts)).hosts[0]
+    version = "{}.{}".format(*sys.version_info[:2])
+    name = _bootstrap.launcher_id(spec, _bootstrap.build_bundle(), version)
+    stand_in = str(tmp_path / "stand-in.sock")
+    _bootstrap._KeptLaunchers(f"{spec.label} {name}").remember(stand_in)
+    asked = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(stand_in)
+        server.listen(1)
+        server.settimeout(30)
+
+        def answer() -> None:
+            conn, _ = server.accept()
+            with conn:
+                asked.append(conn.recv(65536))
+                conn.sendall(b'SSHPAR-ERROR {"kind": "engine", "message": "it broke"}\n')
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        rc = p.Client(hosts=hosts, timeout=60)
+        thread.join(30)
+    report = rc._cluster.hosts[0].report
+    assert asked and json.loads(asked[0])["engines"] == 2      # it was asked first
+    assert not report.by_kept_launcher and report.launcher != stand_in
+    assert rc[:].apply_sync(pow, 2, 5) == [32, 32]
     starts.shutdown(rc)
