@@ -589,7 +589,8 @@ def markdown(meta: dict, results: Results) -> str:
     L += ["", "## Where the time goes, and the next step", ""]
     L += analysis(results, checks)
     for w, title in (("apply", "Profile: apply round trip (sshpar over SSH)"),
-                     ("tiny", "Profile: tiny tasks (sshpar over SSH)")):
+                     ("tiny", "Profile: tiny tasks (sshpar over SSH)"),
+                     ("bulk", "Profile: 64 MiB pull (sshpar over SSH)")):
         prof = results.get("sshpar-ssh", {}).get(w, {}).get("figures", {}).get("profile")
         L += _profile_section(title, prof)
     L += ["", "## How it was run", "",

@@ -216,6 +216,15 @@ def bulk(env: Env, p: dict) -> dict:
             return e0.pull("a", block=True)
 
         out = measure_bulk(push, pull, p["nbytes"], warmup=warmup)
+        if p.get("rep", 0) == 0:  # where a pull's time goes (once: a profile takes seconds)
+
+            def pulls() -> None:
+                for _ in range(3):
+                    pull()
+
+            out["profile"] = profiling.profile(
+                pulls, units=3, io_loop=_io_loop(rc), engine_pids=_engine_pids(rc)[:1],
+                quick=env.quick)
         e0.execute("del a", block=True)
     return out
 
