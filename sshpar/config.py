@@ -482,12 +482,10 @@ def local_cluster(engines: int = 2, *, name: str = "local", python: str | None =
     if not _NAME_RE.fullmatch(name):
         raise ConfigError(f"name may use only letters, digits, '_', '.' and '-', got {name!r}",
                           file=where, key="name")
-    if not (_number(idle_timeout) and idle_timeout >= 0):
-        raise ConfigError(f"idle_timeout must be a number >= 0, got {idle_timeout!r}",
-                          file=where, key="idle_timeout")
-    if not (_number(keep_launcher) and keep_launcher >= 0):
-        raise ConfigError(f"keep_launcher must be a number >= 0, got {keep_launcher!r}",
-                          file=where, key="keep_launcher")
+    for key, value in (("idle_timeout", idle_timeout), ("keep_launcher", keep_launcher)):
+        if not (_number(value) and value >= 0):
+            raise ConfigError(f"{key} must be a number >= 0, got {value!r}", file=where,
+                              key=key)
     extra: dict[str, Any] = {} if workdir is None else {"workdir": workdir}
     host = HostSpec(host="localhost", engines=engines, python=python or sys.executable,
                     transport="local", idle_timeout=float(idle_timeout),

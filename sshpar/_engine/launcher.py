@@ -57,27 +57,42 @@ def private_dir(path: str) -> str:
     return path
 
 
+def run_base(workdir: str, below: int) -> str:
+    """The private directory sockets live under: ``workdir/run``, or ``/tmp/sshpar-<uid>``
+    where ``below`` more characters under ``workdir/run`` would make a socket address too
+    long."""
+    base = os.path.join(workdir, "run")
+    if len(base) + 1 + below > _SOCKET_PATH_MAX:
+        return private_dir(os.path.join("/tmp", f"sshpar-{os.getuid()}"))
+    return private_dir(base)
+
+
 def runtime_dir(workdir: str, cluster: str) -> str:
-    path = os.path.join(workdir, "run", cluster)
-    if len(path) + 22 > _SOCKET_PATH_MAX:
-        base = private_dir(os.path.join("/tmp", f"sshpar-{os.getuid()}"))
-        path = os.path.join(base, cluster[:24])
-    else:
-        private_dir(os.path.join(workdir, "run"))
-    return private_dir(path)
+    base = run_base(workdir, len(cluster) + 22)  # + "/<16 hex>.sock"
+    in_workdir = base == os.path.join(workdir, "run")
+    return private_dir(os.path.join(base, cluster if in_workdir else cluster[:24]))
+
+
+def workdir_of(conf: dict) -> str:
+    return os.path.abspath(os.path.expanduser(conf["workdir"]))
+
+
+def report(doc: dict) -> None:
+    """Tell the client the engines are up (one line on stdout, which it reads)."""
+    sys.stdout.write("SSHPAR-READY " + json.dumps(doc) + "\n")
+    sys.stdout.flush()
 
 
 def main(argv: list[str]) -> None:
     os.umask(0o077)
     conf = json.loads(sys.stdin.readline())
-    report = launch(conf)
+    doc = launch(conf)
     kept = listen(conf)
     if kept is not None:
         path, listener = kept
-        report["launcher"] = {"socket": path,
-                              "pid": keep(listener, path, conf) if listener else None}
-    sys.stdout.write("SSHPAR-READY " + json.dumps(report) + "\n")
-    sys.stdout.flush()
+        doc["launcher"] = {"socket": path,
+                           "pid": keep(listener, path, conf) if listener else None}
+    report(doc)
     # Done: the client waits for this process to end. Tearing down an interpreter that has
     # imported the engine's modules took ~17 ms; there is nothing left to clean up.
     os._exit(0)
@@ -85,7 +100,7 @@ def main(argv: list[str]) -> None:
 
 def launch(conf: dict) -> dict:
     """Start the engines ``conf`` asks for and return the report (or ``fail``)."""
-    workdir = os.path.abspath(os.path.expanduser(conf["workdir"]))
+    workdir = workdir_of(conf)
     os.makedirs(workdir, mode=0o700, exist_ok=True)  # an existing one keeps its mode
     run_dir = runtime_dir(workdir, conf["cluster"])
     log_dir = private_dir(os.path.join(workdir, "logs"))
@@ -125,14 +140,8 @@ def listen(conf: dict) -> tuple[str, socket.socket | None] | None:
     name = str(conf.get("launcher_id") or "")
     if not (linger > 0 and name.isalnum()):
         return None
-    workdir = os.path.abspath(os.path.expanduser(conf["workdir"]))
-    path = os.path.join(workdir, "run", f"launcher-{name}.sock")
-    if len(path) > _SOCKET_PATH_MAX:
-        path = os.path.join(private_dir(os.path.join("/tmp", f"sshpar-{os.getuid()}")),
-                            f"launcher-{name}.sock")
-    else:
-        os.makedirs(workdir, mode=0o700, exist_ok=True)
-        private_dir(os.path.join(workdir, "run"))
+    sock_name = f"launcher-{name}.sock"
+    path = os.path.join(run_base(workdir_of(conf), len(sock_name)), sock_name)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         try:
@@ -165,9 +174,8 @@ def _answers(path: str) -> bool:
 
 def keep(listener: socket.socket, path: str, conf: dict) -> int:
     """Fork the kept launcher, detached like a nanny, logging next to the engines; its pid."""
-    log_path = os.path.join(private_dir(os.path.join(
-        os.path.abspath(os.path.expanduser(conf["workdir"])), "logs")),
-        f"launcher-{conf['launcher_id']}.log")
+    log_path = os.path.join(private_dir(os.path.join(workdir_of(conf), "logs")),
+                            f"launcher-{conf['launcher_id']}.log")
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -195,6 +203,8 @@ def keep(listener: socket.socket, path: str, conf: dict) -> int:
 def serve(listener: socket.socket, path: str, linger: float) -> None:
     """Fork one launch per connection until ``linger`` seconds pass with none, or the bundle
     this process runs from is gone (a client then falls back to the launch command)."""
+    from .reactor import peer_uid  # imported already: the launch imported the engine
+
     bundle = os.path.abspath(sys.argv[0])
     bound = os.stat(path).st_ino
     _log(f"kept for {linger:g} s idle at {path}")
@@ -210,7 +220,10 @@ def serve(listener: socket.socket, path: str, linger: float) -> None:
                 conn.close()
                 _log(f"{bundle} is gone: exiting")
                 return
-            uid = _peer_uid(conn)
+            try:
+                uid: int | None = peer_uid(conn)
+            except OSError:
+                uid = None
             if uid != os.getuid():
                 conn.close()
                 _log(f"refused a connection from uid {uid} (runs as uid {os.getuid()})")
@@ -226,9 +239,7 @@ def serve(listener: socket.socket, path: str, linger: float) -> None:
                     os.dup2(conn.fileno(), 1)
                     conn.close()
                     if line.strip():
-                        report = launch(json.loads(line))
-                        sys.stdout.write("SSHPAR-READY " + json.dumps(report) + "\n")
-                        sys.stdout.flush()
+                        report(launch(json.loads(line)))
                 except SystemExit as exc:  # fail() has reported
                     code = exc.code if isinstance(exc.code, int) else 1
                 except BaseException:  # noqa: BLE001 - into the log; the client falls back
@@ -260,18 +271,6 @@ def _request(conn: socket.socket) -> bytes:
     finally:
         conn.settimeout(None)
     return data.split(b"\n", 1)[0] if b"\n" in data else b""
-
-
-def _peer_uid(conn: socket.socket) -> int | None:
-    """The connecting process's uid (Linux SO_PEERCRED); None where it cannot be told."""
-    option = getattr(socket, "SO_PEERCRED", None)
-    if option is None:
-        return os.getuid()  # elsewhere the socket's 0700 directory is the only guard
-    try:
-        creds = conn.getsockopt(socket.SOL_SOCKET, option, 12)
-    except OSError:
-        return None
-    return int.from_bytes(creds[4:8], sys.byteorder)
 
 
 def _reap() -> None:

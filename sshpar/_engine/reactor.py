@@ -337,12 +337,18 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket (Linux ``SO_PEERCRED``);
+    elsewhere our own (the socket's 0700 directory is then the only guard)."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return os.getuid()
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
 def _peer_ok(sock: socket.socket) -> bool:
     """Only processes of the engine's own user may connect (the socket is 0600 as well)."""
-    if not hasattr(socket, "SO_PEERCRED"):
-        return True
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
+    uid = peer_uid(sock)
     if uid != os.getuid():
         log.warning("refused a connection from uid %d (engine runs as uid %d)",
                     uid, os.getuid())
