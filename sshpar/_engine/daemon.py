@@ -28,6 +28,7 @@ from .. import _wire
 from ..errors import ProtocolError
 from . import ops
 from .executor import Executor, Task, TaskTimeout
+from .nanny import beside
 from .reactor import Conn, Reactor
 
 log = logging.getLogger("sshpar.engine")
@@ -443,14 +444,18 @@ def run(conf: dict) -> None:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s engine[%(process)d] %(levelname)s %(message)s")
     path = conf["socket"]
+    # Bound and listening under another name, then renamed into place: whoever finds the
+    # socket file can connect to it (a client reopening a restarted engine relies on that).
+    staged = beside(path, ".bind")
     try:
-        os.unlink(path)
+        os.unlink(staged)
     except FileNotFoundError:
         pass
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    os.chmod(path, 0o600)
+    sock.bind(staged)
+    os.chmod(staged, 0o600)
     sock.listen(64)
+    os.replace(staged, path)
     daemon = Daemon(conf, key, sock)
     ready_fd = int(conf["ready_fd"])
     if ready_fd >= 0:  # the first start of this engine: tell the launcher we are up

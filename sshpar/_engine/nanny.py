@@ -22,9 +22,14 @@ import traceback
 from typing import Any
 
 
+def beside(socket_path: str, ext: str) -> str:
+    """The file beside an engine's socket with ``ext`` in place of ``.sock``."""
+    stem = socket_path[: -len(".sock")] if socket_path.endswith(".sock") else socket_path
+    return stem + ext
+
+
 def exit_path(socket_path: str) -> str:
-    return socket_path[: -len(".sock")] + ".exit" if socket_path.endswith(".sock") \
-        else socket_path + ".exit"
+    return beside(socket_path, ".exit")
 
 
 def describe(returncode: int) -> str:

@@ -208,8 +208,7 @@ class AsyncsshTransport(Transport):
         if self._streamlocal_refused:
             raise ForwardingRefused("streamlocal forwarding was refused earlier")
         try:
-            chan, session = await conn.create_unix_connection(_UnixSession, path)
-            assert isinstance(session, _UnixSession)
+            return await self._open_unix(conn, path)
         except asyncssh.ChannelOpenError as exc:
             # OpenSSH answers "open failed" both when forwarding is disabled and when the
             # socket is missing: look at the socket to tell which.
@@ -217,9 +216,18 @@ class AsyncsshTransport(Transport):
             if probe.exit_status != 0:
                 raise HostError(self.label, f"no engine socket at {path} (the engine has "
                                 "exited?)") from exc
-            # The socket is there: forwarding is refused, or nothing listens on it (a
+        try:  # the socket may have appeared meanwhile (an engine restarting): ask once more
+            return await self._open_unix(conn, path)
+        except asyncssh.ChannelOpenError as exc:
+            # Refused with the socket there: forwarding is off, or nothing listens on it (a
             # stale file). The caller tries the relay and tells us which it was.
             raise ForwardingRefused(f"{exc.reason} (code {exc.code})") from exc
+
+    @staticmethod
+    async def _open_unix(conn: asyncssh.SSHClientConnection,
+                         path: str) -> tuple[StreamReader, StreamWriter]:
+        chan, session = await conn.create_unix_connection(_UnixSession, path)
+        assert isinstance(session, _UnixSession)
         return session.reader, _ChannelWriter(chan, session)
 
     def note_forwarding_refused(self) -> None:

@@ -175,6 +175,36 @@ def test_open_unix_reaches_a_socket_or_refuses(spec: HostSpec, tmp_path: Path) -
     _run(main())
 
 
+def test_a_socket_that_appears_while_its_absence_is_checked_is_reached_not_relayed(
+        sshd_factory: Any, tmp_path: Path) -> None:
+    # A restarting engine binds its socket just as the client looks: the channel open fails
+    # (no socket yet), then the socket is there when the client checks why. That is not a
+    # host refusing forwarding. The server's ForceCommand puts the socket in place exactly
+    # when the check runs, so the window is hit every time.
+    staged, path = tmp_path / "staged.sock", tmp_path / "engine.sock"
+    script = tmp_path / "force.sh"
+    script.write_text('case "$SSH_ORIGINAL_COMMAND" in\n'
+                      f'  "test -S "*) mv {staged} {path} ;;\n'
+                      'esac\n'
+                      'exec /bin/sh -c "$SSH_ORIGINAL_COMMAND"\n')
+    server = sshd_factory(extra_config=f"ForceCommand /bin/sh {script}\n")
+
+    async def main() -> None:
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(await reader.readexactly(4))
+            await writer.drain()
+            writer.close()
+
+        listener = await asyncio.start_unix_server(echo, str(staged))
+        async with listener, connected(_spec(server, "asyncssh")) as t:
+            reader, writer = await t.open_unix(str(path))
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"ping"
+            writer.close()
+    _run(main())
+    assert path.exists() and not staged.exists()  # the check did run, and moved it
+
+
 def test_close_is_idempotent_and_is_connected_follows(spec: HostSpec) -> None:
     async def main() -> None:
         t = make_transport(spec)
