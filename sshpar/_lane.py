@@ -92,11 +92,10 @@ class Lane:
         try:
             sock.settimeout(LANE_CONNECT_TIMEOUT)
             sock.connect(path)
-            nonce_s, nonce_c, answer = _wire.client_answer(key, _recv_exactly(sock,
-                                                                              _wire.HELLO.size))
+            transcript, answer = _wire.client_answer(key, _recv_exactly(sock,
+                                                                       _wire.HELLO.size))
             sock.sendall(answer)
-            codec = _wire.client_verify(key, nonce_s, nonce_c,
-                                        _recv_exactly(sock, _wire.MAC_SIZE))
+            codec = _wire.client_verify(key, transcript, _recv_exactly(sock, _wire.MAC_SIZE))
             parser = _wire.FrameParser(codec)
             frames: list[_wire.Frame] = []
             while not frames:

@@ -42,7 +42,7 @@ async def client_handshake(reader: Reader, writer: Writer, key: bytes,
     except asyncio.IncompleteReadError:
         raise ProtocolError("the connection closed before the engine greeted (nothing "
                             "listening on its socket?)") from None
-    nonce_s, nonce_c, answer = client_answer(key, hello)
+    transcript, answer = client_answer(key, hello)
     writer.write(answer)
     await writer.drain()
     try:
@@ -51,7 +51,7 @@ async def client_handshake(reader: Reader, writer: Writer, key: bytes,
         raise ProtocolError("the engine closed the connection during the handshake: it did "
                             "not accept this client's cluster key (a stale cluster file?)"
                             ) from None
-    return client_verify(key, nonce_s, nonce_c, proof, max_frame)
+    return client_verify(key, transcript, proof, max_frame)
 
 
 async def read_frames(reader: Reader, parser: FrameParser, size: int = 1 << 18

@@ -28,6 +28,10 @@ from ..errors import ProtocolError
 
 log = logging.getLogger("sshpar.engine")
 
+# Looked for now, while the launcher imports the engine's modules: engines fork from it, so
+# none pays for the import at its first handshake.
+_wire.bulk_mac_available()
+
 HANDSHAKE_TIMEOUT = 10.0
 #: Frames smaller than this are joined into one write; larger ones go out from their buffers.
 _SMALL = 64 * 1024

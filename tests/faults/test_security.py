@@ -24,7 +24,7 @@ import pytest
 
 import sshpar as p
 from sshpar._bootstrap import build_bundle
-from sshpar._wire import HELLO, MAC_SIZE, NONCE_SIZE
+from sshpar._wire import CLIENT_PROOF_SIZE, HELLO
 from tests.helpers import engine_pids, socket_paths, wait_until
 
 from .conftest import WAIT, Relay, cluster_key, count_run
@@ -378,14 +378,14 @@ def test_a_recorded_session_replayed_to_the_engine_is_refused_and_runs_nothing(
         recorder.close()
         os.rename(real, sock)
     (session,) = recorder.sent
-    assert len(session) > NONCE_SIZE + MAC_SIZE          # the handshake answer, then frames
+    assert len(session) > CLIENT_PROOF_SIZE          # the handshake answer, then frames
     assert ran.runs == 1
 
     log = first.workdir / "logs" / f"engine-{uuid}.log"
     before = log.read_text().count("handshake refused")
     # The whole session as sent, and its frames alone (as if the handshake could be skipped).
     assert _replay(sock, bytes(session)) == b""
-    assert _replay(sock, bytes(session[NONCE_SIZE + MAC_SIZE:])) == b""
+    assert _replay(sock, bytes(session[CLIENT_PROOF_SIZE:])) == b""
     wait_until(lambda: log.read_text().count("handshake refused") == before + 2, WAIT,
                "the engine to log both refusals")
     assert "client did not prove the cluster key" in log.read_text()

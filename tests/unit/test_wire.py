@@ -39,11 +39,13 @@ def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(bounded())
 
 
-def codec_pair(max_frame: int = _wire.MAX_FRAME_BYTES) -> tuple[Codec, Codec]:
-    """(client, server) codecs as a handshake would make them: one key per direction."""
+def codec_pair(max_frame: int = _wire.MAX_FRAME_BYTES, *,
+               bulk: bool = False) -> tuple[Codec, Codec]:
+    """(client, server) codecs as a handshake would make them: one key per direction;
+    ``bulk``: frames over 64 KiB are signed with Poly1305."""
     c2s, s2c = hashlib.sha256(b"c2s").digest(), hashlib.sha256(b"s2c").digest()
-    return (Codec(send_key=c2s, recv_key=s2c, max_frame=max_frame),
-            Codec(send_key=s2c, recv_key=c2s, max_frame=max_frame))
+    return (Codec(send_key=c2s, recv_key=s2c, max_frame=max_frame, bulk_mac=bulk),
+            Codec(send_key=s2c, recv_key=c2s, max_frame=max_frame, bulk_mac=bulk))
 
 
 def frame_bytes(bufs: list) -> bytes:
@@ -275,10 +277,12 @@ def test_client_refuses_an_engine_that_cannot_prove_the_key() -> None:
         nonce_s = os.urandom(_wire.NONCE_SIZE)
 
         async def impostor() -> None:
-            sw.write(_wire.HELLO.pack(MAGIC, VERSION, nonce_s))
-            answer = await sr.readexactly(_wire.NONCE_SIZE + MAC_SIZE)
-            nonce_c = answer[:_wire.NONCE_SIZE]
-            sw.write(_wire._derive(b"\x03" * 32, b"server", nonce_s, nonce_c))
+            sw.write(_wire.HELLO.pack(MAGIC, VERSION, 0, nonce_s))
+            answer = await sr.readexactly(_wire.CLIENT_PROOF_SIZE)
+            nonce_c, choice = answer[:_wire.NONCE_SIZE], answer[_wire.NONCE_SIZE]
+            assert choice == 0  # nothing was offered
+            transcript = _wire._transcript(nonce_s, nonce_c, 0, choice)
+            sw.write(_wire._derive(b"\x03" * 32, b"server", transcript))
             await sw.drain()
 
         outcome, _ = await asyncio.gather(client_handshake(cr, cw, KEY), impostor(),
@@ -307,6 +311,79 @@ def test_client_refuses_a_socket_that_is_not_an_engine() -> None:
     assert "did not answer as an sshpar engine" in str(outcome)
 
 
+def test_handshake_agrees_on_poly1305_for_bulk_frames_where_both_ends_have_it() -> None:
+    client, server = run(handshake)
+    assert isinstance(client, Codec) and isinstance(server, Codec)
+    assert _wire.bulk_mac_available()  # cryptography comes with asyncssh and paramiko
+    assert client.bulk_mac and server.bulk_mac
+
+
+def test_a_client_facing_an_engine_without_poly1305_signs_with_hmac_only() -> None:
+    async def scenario() -> tuple[int, Codec | BaseException]:
+        (cr, cw), (sr, sw) = await socket_streams()
+        nonce_s = os.urandom(_wire.NONCE_SIZE)
+        seen: list[int] = []
+
+        async def engine_without_it() -> None:  # offers nothing, else a real engine
+            sw.write(_wire.HELLO.pack(MAGIC, VERSION, 0, nonce_s))
+            answer = await sr.readexactly(_wire.CLIENT_PROOF_SIZE)
+            nonce_c, choice = answer[:_wire.NONCE_SIZE], answer[_wire.NONCE_SIZE]
+            seen.append(choice)
+            sw.write(_wire._derive(KEY, b"server", _wire._transcript(nonce_s, nonce_c, 0,
+                                                                      choice)))
+            await sw.drain()
+
+        outcome, _ = await asyncio.gather(client_handshake(cr, cw, KEY), engine_without_it(),
+                                          return_exceptions=True)
+        cw.close()
+        sw.close()
+        return seen[0], outcome
+
+    choice, codec = run(scenario)
+    assert choice == 0
+    assert isinstance(codec, Codec) and not codec.bulk_mac
+
+
+def test_an_offer_altered_in_transit_fails_the_handshake() -> None:
+    nonce_s, hello = _wire.server_hello()
+    assert hello[5] == _wire.BULK_POLY1305
+    altered = hello[:5] + b"\x00" + hello[6:]          # as if to force the slower MAC
+    _transcript, answer = _wire.client_answer(KEY, altered)
+    with pytest.raises(ProtocolError, match="did not prove the cluster key"):
+        _wire.server_verify(KEY, nonce_s, answer)
+
+
+def test_an_engine_refuses_a_choice_it_did_not_offer(monkeypatch: pytest.MonkeyPatch) -> None:
+    nonce_s, hello = _wire.server_hello()
+    _transcript, answer = _wire.client_answer(KEY, hello)   # chooses Poly1305
+    monkeypatch.setattr(_wire, "_poly1305", False)          # an engine without cryptography
+    nonce_c, choice = answer[:_wire.NONCE_SIZE], answer[_wire.NONCE_SIZE]
+    transcript = _wire._transcript(nonce_s, nonce_c, 0, choice)
+    forged = nonce_c + bytes((choice,)) + _wire._derive(KEY, b"client", transcript)
+    with pytest.raises(ProtocolError, match="did not offer"):
+        _wire.server_verify(KEY, nonce_s, forged)
+
+
+def test_bulk_frames_carry_a_poly1305_tag_keyed_for_each_frame() -> None:
+    client, server = codec_pair(bulk=True)
+    payload = [os.urandom(100_000)]
+    first = frame_bytes(client.encode(Kind.RESULT, {"msg_id": "b"}, payload))
+    second = frame_bytes(client.encode(Kind.RESULT, {"msg_id": "b"}, payload))
+    for data in (first, second):
+        assert data[-16:] == bytes(16)                     # the 16-byte tag, then zeros
+        assert read_one(server, data, eof=False).payload == payload
+    assert first[-MAC_SIZE:-16] != second[-MAC_SIZE:-16]   # same bytes, another key
+    # Small frames keep HMAC-SHA256: an end that does not sign bulk frames reads them...
+    sender, _ = codec_pair(bulk=True)
+    _, plain = codec_pair()
+    assert read_one(plain, frame_bytes(sender.encode(Kind.RESULT, {"msg_id": "s"}, [b"x"])),
+                    eof=False).meta == {"msg_id": "s"}
+    # ...but not a bulk frame (it expects HMAC-SHA256 there).
+    _, plain = codec_pair()
+    with pytest.raises(ProtocolError, match="does not verify"):
+        read_one(plain, first)
+
+
 def test_frame_from_one_connection_does_not_verify_on_another() -> None:
     async def scenario() -> tuple[bytes, Codec]:
         first, _ = await handshake()
@@ -320,15 +397,18 @@ def test_frame_from_one_connection_does_not_verify_on_another() -> None:
 
 # -- refusing frames that are not genuine ------------------------------------------------------
 
-def _sample() -> bytes:
-    client, _ = codec_pair()
-    return frame_bytes(client.encode(Kind.TASK, {"msg_id": "t"}, [b"payload-bytes"]))
+def _sample(bulk: bool = False) -> bytes:
+    """A frame: small (HMAC-SHA256), or ``bulk``: over 64 KiB, between codecs that sign
+    those with Poly1305."""
+    client, _ = codec_pair(bulk=bulk)
+    payload = bytes(range(256)) * 400 if bulk else b"payload-bytes"
+    return frame_bytes(client.encode(Kind.TASK, {"msg_id": "t"}, [payload]))
 
 
-def _where() -> dict[str, int]:
-    data = _sample()
+def _where(bulk: bool = False) -> dict[str, int]:
+    data = _sample(bulk)
     segs = segment_offsets(data)
-    return {
+    where = {
         "magic-free header byte (flags)": 7,
         "kind": 5,
         "seq": 15,
@@ -337,13 +417,18 @@ def _where() -> dict[str, int]:
         "envelope": segs[0][0] + 2,
         "payload": segs[1][0] + 4,
     }
+    if bulk:  # the tag fills 16 of the MAC's 32 bytes; the zeros after it are checked too
+        where["mac's zero half"] = len(data) - 2
+        where["payload's end"] = segs[1][0] + segs[1][1] - 1
+    return where
 
 
-@pytest.mark.parametrize("where", list(_where()))
-def test_any_flipped_byte_is_refused_as_not_verifying(where: str) -> None:
-    _, server = codec_pair()
-    data = _sample()
-    index = _where()[where]
+@pytest.mark.parametrize(("bulk", "where"),
+                         [(False, w) for w in _where()] + [(True, w) for w in _where(True)])
+def test_any_flipped_byte_is_refused_as_not_verifying(bulk: bool, where: str) -> None:
+    _, server = codec_pair(bulk=bulk)
+    data = _sample(bulk)
+    index = _where(bulk)[where]
     if where == "length of the envelope":
         # A length made smaller still leaves a complete frame to read; a larger one would
         # only wait for bytes that never come (tested with truncation below).
@@ -574,9 +659,10 @@ def _stream(codec: Codec, count: int, payload: list) -> bytes:
                     for i in range(count))
 
 
+@pytest.mark.parametrize("bulk", [False, True], ids=["hmac", "poly1305"])
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 16])
-def test_parser_reassembles_frames_from_any_chunking(chunk: int) -> None:
-    client, server = codec_pair()
+def test_parser_reassembles_frames_from_any_chunking(chunk: int, bulk: bool) -> None:
+    client, server = codec_pair(bulk=bulk)
     array = np.arange(200_000, dtype=np.float64)  # a 1.6 MB out-of-band segment
     data = _stream(client, 3, _serialize.dumps(array))
     parser = _wire.FrameParser(server)
