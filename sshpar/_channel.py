@@ -74,6 +74,7 @@ class EngineChannel:
         self._sent_sources: dict[str, tuple[list[str], int]] = {}
         self._refs = FunctionRefs()                # functions the engine keeps (this stream)
         self._lane: Lane | None = None
+        self.bulk_mac = False  # this stream signs frames over 64 KiB with Poly1305
         self._lane_opening = threading.Lock()
         self._lane_retry_at = 0.0
         self._lane_failures = 0
@@ -119,6 +120,7 @@ class EngineChannel:
             self.info = dataclasses.replace(self.info, pid=hello.meta["pid"])
         self.clock_offset = hello.meta["time"] - (sent + now) / 2
         self._sender = FrameSender(codec, writer)
+        self.bulk_mac = codec.bulk_mac
         self._sent_sources.clear()
         self._refs = FunctionRefs()
         self.state = "running"

@@ -42,11 +42,13 @@ class _Pickler(cloudpickle.Pickler):
         return super().reducer_override(obj)
 
 
-def dumps(obj: Any, *, what: str = "object", code_files: set[str] | None = None) -> list:
+def dumps(obj: Any, *, what: str = "object", code_files: set[str] | None = None,
+          out_of_band: bool = True) -> list:
     """Pickle ``obj`` into segments: the pickle stream, then each out-of-band buffer.
 
     Args:
         code_files: if given, receives the file names of functions pickled by value.
+        out_of_band: False: one segment, buffers (arrays) inside the pickle stream.
 
     Raises:
         SerializationError: ``obj`` (named by ``what`` in the message) cannot be pickled.
@@ -54,12 +56,13 @@ def dumps(obj: Any, *, what: str = "object", code_files: set[str] | None = None)
     if type(obj) in _PLAIN or (type(obj) is tuple and _all_plain(obj)):
         return [pickle.dumps(obj, protocol=PROTOCOL)]  # what cloudpickle writes, sooner
     buffers: list[pickle.PickleBuffer] = []
+    callback = buffers.append if out_of_band else None
     try:
         if code_files is None:
-            data = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
+            data = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
         else:
             out = io.BytesIO()
-            _Pickler(out, buffers.append, code_files).dump(obj)
+            _Pickler(out, callback, code_files).dump(obj)
             data = out.getvalue()
     except Exception as exc:
         raise SerializationError(
@@ -131,7 +134,9 @@ class _FunctionPickles:
             code_files.update(entry[3])
             return entry[2]
         files: set[str] = set()
-        data = dumps(f, what=what, code_files=files)[0]
+        # One segment: an array the function captures (a global, a closure cell) travels
+        # inside it, as the engine unpickles the function on its own.
+        (data,) = dumps(f, what=what, code_files=files, out_of_band=False)
         code_files.update(files)
         if captured is not None:
             if len(self._entries) >= self.LIMIT:

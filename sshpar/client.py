@@ -148,7 +148,8 @@ class Client:
         Keys: id, host, pid, uuid, state ("idle", "busy", "unresponsive" — not answering
         heartbeats, "reconnecting" — its host's connection is being rebuilt, "lost"), and
         for engines that answer: queued, done, unacked, clients, uptime (s), python
-        ("3.11.7"), executable.
+        ("3.11.7"), executable, bulk_mac ("poly1305" where the engine's Python has
+        ``cryptography``, else "hmac-sha256": how frames over 64 KiB are signed).
         """
         return self._io.run(self._status(timeout), timeout + 5, what="asking engines")
 
@@ -176,7 +177,8 @@ class Client:
                        done=info["done"], unacked=info["unacked"], clients=info["clients"],
                        uptime=max(0.0, info["time"] - info["started"]),
                        python=".".join(map(str, info["python"])),
-                       executable=info["executable"])
+                       executable=info["executable"],
+                       bulk_mac="poly1305" if ch.bulk_mac else "hmac-sha256")
             return row
 
         rows = await asyncio.gather(*(one(ch) for ch in channels))

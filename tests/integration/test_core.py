@@ -205,6 +205,29 @@ def test_numpy_round_trip(e0):
     assert e0.apply(lambda x: float(x.sum()), a) == float(a.sum())
 
 
+@pytest.mark.parametrize("has_cryptography", [True, False], ids=["poly1305", "hmac"])
+def test_large_arrays_travel_signed_with_poly1305_or_without_cryptography_hmac(
+        sshd_session, tmp_path, has_cryptography):
+    np = pytest.importorskip("numpy")
+    extra = {}
+    if not has_cryptography:  # an engine host whose Python has no cryptography package
+        hidden = tmp_path / "no-cryptography"
+        (hidden / "cryptography").mkdir(parents=True)
+        (hidden / "cryptography" / "__init__.py").write_text(
+            "raise ImportError('no cryptography on this host')\n")
+        extra = {"env": {"PYTHONPATH": str(hidden)}}
+    with running_client(sshd_session, tmp_path, engines=1, **extra) as rc:
+        assert rc.engine_status()[0]["bulk_mac"] == ("poly1305" if has_cryptography
+                                                      else "hmac-sha256")
+        e0 = rc[0]
+        e0.block = True
+        a = np.random.default_rng(7).random(3 << 20)        # 24 MiB: bulk frames both ways
+        e0.push({"a": a})
+        assert e0.apply(lambda: float(a.sum())) == float(a.sum())
+        back = e0.pull("a")
+        assert (back == a).all() and back.flags.writeable
+
+
 def test_close_leaves_engines_running_and_shutdown_stops_them(sshd_session, tmp_path):
     hosts = sshd_session.hosts_yaml(tmp_path / "h.yaml", engines=1, workdir=tmp_path / "w")
     client = p.Client(hosts=hosts)

@@ -59,6 +59,21 @@ def test_a_mutated_container_global_is_seen_by_the_next_call() -> None:
     assert remote_call(ns["f"]) == [1, 2]
 
 
+def test_a_function_capturing_arrays_is_one_segment_the_engine_can_unpickle() -> None:
+    # numpy pickles arrays out of band when it may; the engine unpickles a function on its
+    # own, so whatever the function captures must travel inside its pickle.
+    np = pytest.importorskip("numpy")
+    table = np.arange(100_000, dtype=np.float64)
+    ns = main_namespace("def f(i):\n    return float(TABLE[i] + local[0])\n", TABLE=table)
+    ns["local"] = np.array([0.5])
+    assert remote_call(ns["f"], 7) == 7.5
+
+    def closure(i: int) -> float:
+        return float(table[i])
+
+    assert remote_call(closure, 99_999) == 99_999.0
+
+
 def test_a_changed_closure_cell_is_seen_by_the_next_call() -> None:
     ns = main_namespace(
         "def make():\n"
